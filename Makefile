@@ -1,0 +1,47 @@
+# Quick start (fresh machine, no GPU, no network beyond the package registries):
+#   make run    # sets up .venv, runs the main job on the embedded default (2 CPU ranks)
+#   make test   # sets up .venv, runs the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+CONFIG ?= configs/default.yaml
+ARGS ?=
+# The CPU accelerator of DeepSpeed (gloo) unless the caller says otherwise; 1 thread per rank
+# (2 ranks on 2 cores: more threads only contend).
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test lint format clean-shm
+
+$(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so that nothing later can pull a multi-GB CUDA build
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(PY) -m pip install -q -c constraints.txt --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.ready
+
+run: setup
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) alsace_ds/train.py --config $(CONFIG) $(ARGS); \
+	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+
+test: setup
+	$(VENV)/bin/pytest -q tests $(ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check alsace_ds tests && $(VENV)/bin/ruff format --check alsace_ds tests
+
+format: setup
+	$(VENV)/bin/ruff format alsace_ds tests && $(VENV)/bin/ruff check --fix alsace_ds tests
+
+# DeepSpeed's CPU shared-memory all-reduce leaves one ~69 MB buffer per rank in /dev/shm
+# when started by its launcher; remove those that no live process holds open.
+clean-shm:
+	@$(PY) -m alsace_ds.shm_cleanup

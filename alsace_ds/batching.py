@@ -1,0 +1,63 @@
+"""Which rank works on which examples / views. Pure index arithmetic, no collectives.
+
+Every function here gives every rank the SAME number of batches: under ZeRO-3 each
+forward gathers parameters collectively, so a rank that ran one forward fewer would
+deadlock the others. Uneven tails are padded (training: by wrapping around, like
+``DistributedSampler``; inference: with masked dummy views that are never counted).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def epoch_order(n: int, seed: int | None) -> list[int]:
+    """The global order of ``n`` examples for one epoch (identical on every rank)."""
+    if seed is None:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def train_batches(
+    n: int, micro_batch: int, rank: int, world: int, seed: int | None
+) -> list[list[int]]:
+    """This rank's micro-batches (example indices) for one epoch.
+
+    Step s covers positions ``[s*world*micro, (s+1)*world*micro)`` of the epoch order and
+    rank r takes its ``micro`` slice of it; the order is wrapped around to fill the last step.
+    """
+    if n <= 0:
+        raise ValueError("no examples to train on")
+    order = epoch_order(n, seed)
+    per_step = micro_batch * world
+    steps = math.ceil(n / per_step)
+    padded = [order[i % n] for i in range(steps * per_step)]
+    return [
+        padded[s * per_step + rank * micro_batch : s * per_step + (rank + 1) * micro_batch]
+        for s in range(steps)
+    ]
+
+
+def view_batches(
+    num_items: int, batch_size: int, rank: int, world: int, lengths: list[int] | None = None
+) -> list[tuple[list[int], list[bool]]]:
+    """This rank's inference batches over ``num_items`` items (views): (indices, valid).
+
+    Rank r holds items r, r + world, ...; every rank gets ``ceil(num_items / world)`` slots,
+    the missing ones filled with a dummy (a copy of item 0, ``valid=False``). With ``lengths``
+    the rank's items are sorted longest first so that each batch pads little.
+    """
+    if num_items <= 0:
+        raise ValueError("no items to run inference on")
+    mine = list(range(rank, num_items, world))
+    if lengths is not None:
+        mine.sort(key=lambda i: -lengths[i])
+    slots = math.ceil(num_items / world)
+    valid = [True] * len(mine) + [False] * (slots - len(mine))
+    mine = mine + [0] * (slots - len(mine))
+    return [
+        (mine[i : i + batch_size], valid[i : i + batch_size]) for i in range(0, slots, batch_size)
+    ]

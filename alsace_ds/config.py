@@ -1,0 +1,406 @@
+"""One typed configuration for a whole ALSACE run.
+
+Dataclasses are the schema. A YAML file and dotted command-line overrides
+(``distill.lr=1e-4``) are merged into a plain dict, then converted strictly:
+unknown keys and wrongly typed values are *collected*, then semantic checks run,
+and every problem is reported at once in a single :class:`ConfigError` (the style
+of nanotron's strict loading and litgpt's ``validate_args``), before any process
+group, model or GPU is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+FAMILIES = ("xlmr", "mt5")
+EMBEDDED = "embedded"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path is looked up in the working directory, then in the repository root
+    (so ``ds_configs/zero2.json`` works whichever directory the launcher starts in)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+class ConfigError(ValueError):
+    """All problems of a configuration, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    log_every: int = 5
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end of a stage
+
+
+@dataclass
+class TaskConfig:
+    # "embedded": the synthetic parallel task built locally (alsace_ds.embedded);
+    # "jsonl": your own files in the documented JSONL format (alsace_ds.data).
+    name: str = EMBEDDED
+    languages: list[str] = field(default_factory=list)  # empty = the embedded task's languages
+    english: str = "en"
+    labels: list[str] = field(default_factory=list)  # empty = the embedded task's labels
+    train_file: str | None = None  # English, labeled (stage 0)
+    unlabeled_file: str | None = None  # parallel, labels ignored (stages 1-2)
+    dev_file: str | None = None  # parallel, labeled (monitoring during training)
+    test_file: str | None = None  # parallel, labeled (before/after report)
+    max_unlabeled: int | None = 500  # the paper uses the first 500 parallel examples
+    k_shot: int | None = None  # limited-resource stage 0: k English training examples
+
+
+@dataclass
+class ModelConfig:
+    family: str = "xlmr"  # "xlmr" (classification head) | "mt5" (label words, 1st decoder step)
+    name_or_path: str = EMBEDDED  # a local folder, a Hub name, or "embedded"
+    label_words: list[str] | None = None  # mT5: one word per label (default: the label names)
+    max_length: int = 128
+    dropout: float | None = None  # None keeps the checkpoint's value
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass
+class Stage0Config:
+    """English fine-tuning (cross-entropy on the English training set)."""
+
+    enabled: bool = True
+    init_from: str | None = None  # skip stage 0 and start from this fine-tuned HF folder
+    epochs: float = 3.0
+    lr: float = 2e-5
+    micro_batch: int = 16  # examples per rank per micro-step
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_steps: int | None = None
+
+
+@dataclass
+class SelectionConfig:
+    threshold: float | None = None  # None = mean of shat_t (= 1/|T|); paper appendix: 0.06/0.2/0.2
+    batch_size: int = 64  # views per forward during inference
+    # Override the vote: "all" = every language a teacher (the paper's no-selection ablation),
+    # or an explicit list of language codes. None = teachers chosen by the vote.
+    teachers: list[str] | None = None
+
+
+@dataclass
+class DistillConfig:
+    """Cross-lingual self-distillation (paper Eq. 4-5) on the unlabeled parallel corpus."""
+
+    enabled: bool = True
+    epochs: float = 2.0
+    lr: float = 3e-8  # the paper's value for large models
+    micro_batch: int = 8  # examples per rank per micro-step; each brings all its language views
+    grad_accum: int = 1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_steps: int | None = None
+    pairs: Literal["ordered", "unordered"] = "ordered"
+    direction: Literal["forward", "reverse"] = "forward"
+    detach_teacher: bool = False
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64  # views per forward
+    every_epoch: bool = True  # evaluate on the dev file after every epoch of each stage
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/zero2.json"
+    zero_stage: int | None = None  # override the JSON's stage (0-3)
+    gradient_clipping: float = 1.0
+    param_persistence_threshold: int = 100000  # ZeRO-3: 0 partitions even tiny params (tests)
+    timeout_s: float = 600.0  # collective timeout: a dead rank fails the job instead of hanging
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage0: Stage0Config = field(default_factory=Stage0Config)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    """Check/convert ``value`` against annotation ``tp``; append problems to ``errors``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            errors.append(f"{where}: must not be null")
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where, errors)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            errors.append(f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            errors.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            return []
+        return [_convert(v, item_tp, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _dataclass_from_dict(tp, value, where, errors)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {_type_name(tp)} at {where}")
+
+
+def _dataclass_from_dict(cls: type, data: Any, where: str, errors: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        errors.append(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in names:
+            errors.append(
+                f"{prefix}{key}: unknown key (known keys of '{where or 'config'}': "
+                f"{', '.join(sorted(names))})"
+            )
+    kwargs = {}
+    for key, value in data.items():
+        if key in names:
+            before = len(errors)
+            converted = _convert(value, hints[key], f"{prefix}{key}", errors)
+            if len(errors) == before:  # a bad value keeps the default so later checks still run
+                kwargs[key] = converted
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], errors: list[str]) -> None:
+    """Apply ``a.b.c=value`` overrides in place; ``value`` is parsed as YAML (``1e-5`` -> float)."""
+    for item in overrides:
+        if "=" not in item:
+            errors.append(f"override {item!r}: expected key=value (e.g. distill.lr=1e-6)")
+            continue
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            errors.append(f"override {item!r}: empty key part")
+            continue
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                errors.append(f"override {item!r}: '{part}' is not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = _parse_scalar(raw)
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    # YAML 1.1 reads "1e-5" as a string; numbers are what users mean.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _read_yaml(path: Path, errors: list[str]) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        errors.append(f"{path}: cannot read config file ({exc.strerror})")
+        return {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        errors.append(f"{path}: invalid YAML: {exc}")
+        return {}
+    if not isinstance(data, dict):
+        errors.append(f"{path}: top level must be a mapping of sections")
+        return {}
+    _floatify(data)
+    return data
+
+
+def _floatify(node: dict[str, Any]) -> None:
+    """YAML 1.1 leaves '3e-8' as a string; turn such strings into floats."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            _floatify(value)
+        elif isinstance(value, str):
+            try:
+                if any(c in value for c in "eE") and value.strip()[0] in "0123456789.+-":
+                    node[key] = float(value)
+            except (ValueError, IndexError):
+                pass
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + dotted overrides -> validated :class:`Config`, or ConfigError."""
+    errors: list[str] = []
+    source = str(path) if path else "config"
+    data = _read_yaml(Path(path), errors) if path else {}
+    apply_overrides(data, overrides or [], errors)
+    cfg = _dataclass_from_dict(Config, data, "", errors)
+    try:
+        errors.extend(validate(cfg))
+    except (TypeError, ValueError):
+        # A wrongly typed value (already reported above) can trip a semantic check;
+        # the type problems are the ones to fix first.
+        if not errors:
+            raise
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- semantics
+
+
+def _positive(errors: list[str], where: str, value: float | int | None, allow_none=False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not (value > 0) or (isinstance(value, float) and not math.isfinite(value)):
+        errors.append(f"{where}: must be > 0, got {value!r}")
+
+
+def validate(cfg: Config) -> list[str]:
+    """Semantic checks that need several fields; returns every problem found."""
+    errors: list[str] = []
+    t, m = cfg.task, cfg.model
+    if t.name not in (EMBEDDED, "jsonl"):
+        errors.append(f"task.name: {t.name!r} is not one of ['embedded', 'jsonl']")
+    if t.name == "jsonl":
+        for key in ("train_file", "unlabeled_file", "test_file"):
+            if getattr(t, key) is None and not (key == "train_file" and not cfg.stage0.enabled):
+                errors.append(f"task.{key}: required when task.name is 'jsonl'")
+        if not t.languages:
+            errors.append("task.languages: required when task.name is 'jsonl'")
+        if not t.labels:
+            errors.append("task.labels: required when task.name is 'jsonl'")
+        if m.name_or_path == EMBEDDED:
+            errors.append("model.name_or_path: 'embedded' only goes with task.name 'embedded'")
+    if len(set(t.languages)) != len(t.languages):
+        errors.append(f"task.languages: duplicate codes in {t.languages}")
+    if t.languages and t.english not in t.languages:
+        errors.append(f"task.english: {t.english!r} is not in task.languages {t.languages}")
+    if len(set(t.labels)) != len(t.labels):
+        errors.append(f"task.labels: duplicate labels in {t.labels}")
+    _positive(errors, "task.max_unlabeled", t.max_unlabeled, allow_none=True)
+    _positive(errors, "task.k_shot", t.k_shot, allow_none=True)
+    if m.family not in FAMILIES:
+        errors.append(f"model.family: {m.family!r} is not one of {list(FAMILIES)}")
+    if m.family == "xlmr" and m.label_words:
+        errors.append("model.label_words: only used by family 'mt5'")
+    if m.label_words is not None and t.labels and len(m.label_words) != len(t.labels):
+        errors.append(
+            f"model.label_words: {len(m.label_words)} words for {len(t.labels)} labels {t.labels}"
+        )
+    _positive(errors, "model.max_length", m.max_length)
+    if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
+        errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    for name in ("stage0", "distill"):
+        st = getattr(cfg, name)
+        _positive(errors, f"{name}.epochs", st.epochs)
+        _positive(errors, f"{name}.lr", st.lr)
+        _positive(errors, f"{name}.micro_batch", st.micro_batch)
+        _positive(errors, f"{name}.grad_accum", st.grad_accum)
+        _positive(errors, f"{name}.max_steps", st.max_steps, allow_none=True)
+        if not 0.0 <= st.warmup_ratio < 1.0:
+            errors.append(f"{name}.warmup_ratio: must be in [0, 1), got {st.warmup_ratio}")
+        if st.weight_decay < 0:
+            errors.append(f"{name}.weight_decay: must be >= 0, got {st.weight_decay}")
+    s = cfg.selection
+    if s.threshold is not None and not (0.0 < s.threshold <= 1.0):
+        errors.append(f"selection.threshold: must be in (0, 1], got {s.threshold}")
+    _positive(errors, "selection.batch_size", s.batch_size)
+    if s.teachers is not None and s.teachers != ["all"] and t.languages:
+        unknown = [x for x in s.teachers if x not in t.languages]
+        if unknown:
+            errors.append(f"selection.teachers: unknown language code(s) {unknown}")
+    _positive(errors, "eval.batch_size", cfg.eval.batch_size)
+    d = cfg.deepspeed
+    if d.zero_stage is not None and d.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {d.zero_stage}")
+    if not resolve_path(d.config).is_file():
+        errors.append(f"deepspeed.config: no such file {d.config!r}")
+    _positive(errors, "deepspeed.timeout_s", d.timeout_s)
+    if d.param_persistence_threshold < 0:
+        errors.append("deepspeed.param_persistence_threshold: must be >= 0")
+    _positive(errors, "run.log_every", cfg.run.log_every)
+    if cfg.run.checkpoint_every < 0:
+        errors.append("run.checkpoint_every: must be >= 0")
+    if not cfg.stage0.enabled and cfg.stage0.init_from is None and m.name_or_path == EMBEDDED:
+        errors.append(
+            "stage0.enabled: false needs stage0.init_from (a fine-tuned model folder) "
+            "when the model is the embedded random-init one"
+        )
+    return errors

@@ -1,0 +1,169 @@
+"""The one module that touches ``torch.distributed``: process-group set-up and collectives.
+
+Everything else in the package is pure; it receives a ``DistContext`` or a ``reducer(ctx)``
+callable. Start-up goes through ``deepspeed.init_distributed`` so the same code runs under the
+``deepspeed`` launcher, ``torchrun``, ``mpirun`` (``auto_mpi_discovery=True`` fills RANK etc.
+from MPI) and a plain single ``python`` process. The backend is DeepSpeed's accelerator's
+(nccl on CUDA, gloo under ``DS_ACCELERATOR=cpu``).
+
+Every collective runs on the default process group, whose timeout is set at init: a dead or
+diverged rank makes the others fail after ``timeout_s`` instead of hanging forever. (The
+explicit timeout wins over DeepSpeed's ``DEEPSPEED_TIMEOUT`` default.)
+
+CPU note: DeepSpeed's CPU accelerator JIT-compiles its ``deepspeed_shm_comm`` op on the first
+init of a machine (~25-40 s, cached in TORCH_EXTENSIONS_DIR). When the ``deepspeed`` launcher
+sets LOCAL_SIZE, that op leaves ``/dev/shm/deepspeed_allreduce_buffer_*`` files behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+#: Environment variables that show the process was started by an MPI launcher.
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job; read once at start-up and passed around."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    timeout_s: float = 600.0
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0 (the rank that logs and writes files)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when collectives must actually talk to other processes."""
+        return self.world_size > 1
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> DistContext:
+        """A one-process context with no process group (collectives are local no-ops)."""
+        return cls(device=torch.device(device))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _default_single_process_env() -> None:
+    """Let a plain ``python script.py`` run as a world of one.
+
+    Without launcher variables DeepSpeed would try MPI discovery (mpi4py, ``hostname -I``,
+    fixed port 29500); a free local port avoids both the dependency and port clashes.
+    """
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    if any(name in os.environ for name in _MPI_ENV):
+        return  # let DeepSpeed's MPI discovery fill the variables
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+    )
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistContext:
+    """Initialise the default process group through DeepSpeed and describe this process.
+
+    Idempotent: a second call returns the same context without re-initialising. On CUDA the
+    current device is set to ``cuda:<local_rank>``; elsewhere the device is the CPU.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    _default_single_process_env()
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(),
+        timeout=timedelta(seconds=timeout_s),
+        auto_mpi_discovery=True,
+    )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+        timeout_s=timeout_s,
+    )
+
+
+def shutdown() -> None:
+    """Destroy the default process group (if any) so the process can exit cleanly."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active(ctx: DistContext) -> bool:
+    return ctx.distributed and dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
+    """Sum ``t`` over all ranks; returns a NEW tensor on ``t``'s device (input untouched).
+
+    The collective runs on ``ctx.device`` (NCCL needs CUDA tensors); world size 1 is a copy.
+    """
+    if not _active(ctx):
+        return t.clone()
+    buf = t.detach().to(ctx.device, copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def reducer(ctx: DistContext) -> Callable[[Tensor], Tensor]:
+    """``reduce`` callable for the pure modules (e.g. ``select_from_views``)."""
+
+    def reduce(t: Tensor) -> Tensor:
+        return all_reduce_sum(t, ctx)
+
+    return reduce
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (fails after ``ctx.timeout_s`` if one never arrives)."""
+    if _active(ctx):
+        dist.barrier(timeout=timedelta(seconds=ctx.timeout_s))
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (others' ``obj`` is ignored)."""
+    if not _active(ctx):
+        return obj
+    box = [obj if ctx.rank == src else None]
+    dist.broadcast_object_list(box, src=src, device=ctx.device)
+    return box[0]
+
+
+def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's picklable ``obj``, indexed by rank."""
+    if not _active(ctx):
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,113 @@
+"""DeepSpeed JSON: the files in ``ds_configs/`` say "auto" wherever our config decides.
+
+This module is the ONE place that fills them (HF's ``fill_match`` idea): every "auto"
+must be filled, and a concrete value in the JSON that disagrees with our config is an
+error rather than a silent winner. The batch identity
+``train_batch_size = micro * grad_accum * data_parallel_world`` is asserted here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from alsace_ds.config import Config, ConfigError, DistillConfig, Stage0Config, resolve_path
+
+
+def load_template(path: str | Path) -> dict[str, Any]:
+    p = resolve_path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError([f"{p}: cannot read DeepSpeed JSON ({exc})"], str(p)) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: top level must be an object"], str(p))
+    return data
+
+
+def _get(d: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = d
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        out: list[str] = []
+        for k, v in node.items():
+            out += _find_auto(v, f"{prefix}{k}.")
+        return out
+    return [prefix[:-1]] if node == "auto" else []
+
+
+def fill_auto(template: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Replace "auto" at dotted keys by ``values``; report unfilled autos and mismatches at once."""
+    cfg = copy.deepcopy(template)
+    problems: list[str] = []
+    for key, value in values.items():
+        present, current = _get(cfg, key)
+        if not present or current == "auto":
+            if present:
+                _set(cfg, key, value)
+            continue
+        if current != value:
+            problems.append(
+                f"{source}: '{key}' is {current!r} but our config says {value!r} "
+                f'(write "auto" there to let the config decide)'
+            )
+    problems += [f"{source}: '{k}' is \"auto\" but nothing fills it" for k in _find_auto(cfg)]
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def stage_values(cfg: Config, stage: Stage0Config | DistillConfig, dp_world: int) -> dict[str, Any]:
+    """The values our config decides, keyed by their dotted DeepSpeed path."""
+    ds = cfg.deepspeed
+    return {
+        "train_micro_batch_size_per_gpu": stage.micro_batch,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "train_batch_size": stage.micro_batch * stage.grad_accum * dp_world,
+        "gradient_clipping": ds.gradient_clipping,
+        "bf16.enabled": cfg.model.dtype == "bf16",
+        "zero_optimization.stage3_param_persistence_threshold": ds.param_persistence_threshold,
+    }
+
+
+def build_ds_config(
+    cfg: Config, stage: Stage0Config | DistillConfig, dp_world: int
+) -> dict[str, Any]:
+    """The filled DeepSpeed config for one training stage on ``dp_world`` data-parallel ranks."""
+    source = str(cfg.deepspeed.config)
+    template = load_template(source)
+    if cfg.deepspeed.zero_stage is not None:
+        template.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    filled = fill_auto(template, stage_values(cfg, stage, dp_world), source)
+    micro = filled["train_micro_batch_size_per_gpu"]
+    accum = filled["gradient_accumulation_steps"]
+    if filled["train_batch_size"] != micro * accum * dp_world:
+        raise ConfigError(
+            [
+                f"{source}: train_batch_size {filled['train_batch_size']} != micro "
+                f"{micro} x grad_accum {accum} x data-parallel world {dp_world}"
+            ],
+            source,
+        )
+    return filled
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

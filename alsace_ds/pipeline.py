@@ -1,0 +1,382 @@
+"""The ALSACE stages on DeepSpeed: English fine-tuning -> teacher selection ->
+cross-lingual self-distillation -> evaluation before and after.
+
+Outputs, all under ``run.output_dir`` and written atomically:
+``config.yaml`` (resolved), ``selection.json``, ``report.json`` / ``report.md``,
+``checkpoints/<stage>/`` (DeepSpeed), ``stage0/model`` and ``final/model`` (plain Hugging
+Face folders) and ``tb/`` (TensorBoard events).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from alsace_ds import dist
+from alsace_ds.config import Config
+from alsace_ds.data import ParallelCorpus, View
+from alsace_ds.distill import pair_kl_loss
+from alsace_ds.ds_config import build_ds_config
+from alsace_ds.evaluate import accuracy_counts, markdown_table, summarize
+from alsace_ds.io import atomic_write_json, atomic_write_text
+from alsace_ds.selection import Selection, select_from_views
+from alsace_ds.shm_cleanup import unlink_own_buffer
+from alsace_ds.tasks import TaskData
+from alsace_ds.tb import TBLogger
+from alsace_ds.trainer import (
+    build_engine,
+    cross_entropy_step,
+    current_lr,
+    export_hf,
+    forward_views,
+    load_for_stage,
+    micro_batches,
+    plan_steps,
+    predict_probs,
+    progress,
+    save_checkpoint,
+)
+
+
+@dataclass
+class Run:
+    """What every stage needs: config, data, distributed context, output places."""
+
+    cfg: Config
+    task: TaskData
+    ctx: dist.DistContext
+    run_dir: Path
+    tb: TBLogger
+    log: list[str] = field(default_factory=list)
+
+    def say(self, msg: str) -> None:
+        if self.ctx.is_main:
+            print(f"[alsace_ds] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- views / eval
+
+
+def parallel_views(corpus: ParallelCorpus, languages: list[str]) -> list[View]:
+    """Example-major flattening: view ``v`` is example ``v // T`` in language ``v % T``."""
+    return [ex.views[lang] for ex in corpus.examples for lang in languages]
+
+
+def evaluate(run: Run, engine: Any, tokenizer: Any, corpus: ParallelCorpus, desc: str) -> dict:
+    """Reduced per-language sums (correct, count, prediction histogram) over all ranks."""
+    langs = run.task.languages
+    T = len(langs)
+    idx, probs = predict_probs(
+        engine,
+        tokenizer,
+        parallel_views(corpus, langs),
+        run.ctx,
+        run.cfg.eval.batch_size,
+        run.cfg.model.max_length,
+        desc,
+        run.cfg.log.progress,
+    )
+    labels = corpus.labels()[idx // T]
+    stats = accuracy_counts(probs.argmax(-1), labels, idx % T, T, run.task.num_labels)
+    return {k: dist.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
+
+
+def summary(run: Run, stats: dict, teachers: list[str], students: list[str]) -> dict:
+    return summarize(
+        run.task.languages,
+        stats["correct"],
+        stats["count"],
+        run.task.english,
+        teachers,
+        students,
+        stats["pred_hist"],
+    )
+
+
+def log_summary(run: Run, prefix: str, summ: dict, step: int) -> None:
+    run.tb.scalars(f"{prefix}/accuracy", summ["accuracy"], step)
+    run.tb.scalars(
+        f"{prefix}/gap", {k: v for k, v in summ["gap"].items() if k != run.task.english}, step
+    )
+    for group, avg in summ["averages"].items():
+        run.tb.scalar(f"{prefix}/avg_accuracy/{group}", avg["accuracy"], step)
+        run.tb.scalar(f"{prefix}/avg_gap/{group}", avg["gap"], step)
+
+
+def dev_check(run: Run, engine: Any, tok: Any, stage: str, step: int, roles=None) -> dict | None:
+    """Per-language dev accuracy during training (English dev accuracy guards against a
+    collapse of the distillation; English labels are allowed)."""
+    if run.task.dev is None or not run.cfg.eval.every_epoch:
+        return None
+    stats = evaluate(run, engine, tok, run.task.dev, f"{stage} dev")
+    teachers, students = roles or (run.task.languages, [])
+    summ = summary(run, stats, teachers, students)
+    log_summary(run, f"{stage}/dev", summ, step)
+    avg = summ["averages"]["all"]
+    run.say(
+        f"{stage} step {step}: dev acc {run.task.english}={summ['accuracy'][run.task.english]:.2f} "
+        f"avg={avg['accuracy']:.2f} avg gap={avg['gap'] if avg['gap'] is not None else 0:.2f}"
+    )
+    return summ
+
+
+# ----------------------------------------------------------------------------- stage 0
+
+
+def stage0_finetune(run: Run) -> str:
+    """English fine-tuning; returns the exported model folder that stage 2 starts from."""
+    cfg, task, ctx = run.cfg, run.task, run.ctx
+    st = cfg.stage0
+    ds_cfg = build_ds_config(cfg, st, ctx.world_size)
+    scorer, tok, warnings = load_for_stage(
+        cfg.model.family, task.model_source, task.num_labels, task.label_words,
+        cfg.model.dropout, cfg.model.dtype, ds_cfg,
+    )  # fmt: skip
+    for w in warnings:
+        run.say(f"warning: {w}")
+    train = task.train
+    plan = plan_steps(
+        len(train), st.micro_batch, ctx.world_size, st.epochs, st.grad_accum, st.max_steps
+    )
+    total = plan.total_optimizer_steps
+    engine = build_engine(
+        scorer, ds_cfg, st.lr, st.weight_decay, total, int(st.warmup_ratio * total)
+    )
+    run.say(
+        f"stage 0: English fine-tuning on {len(train)} examples, {total} optimizer steps "
+        f"(ZeRO-{ds_cfg['zero_optimization']['stage']}, {ctx.world_size} rank(s))"
+    )
+    labels = train.labels()
+    engine.train()
+    bar = progress(plan.total_micro, "stage 0 (English)", ctx, cfg.log.progress)
+    losses: list[torch.Tensor] = []
+    last_epoch = 0
+    for micro, (epoch, batch) in enumerate(
+        micro_batches(len(train), st.micro_batch, ctx, cfg.run.seed, plan)
+    ):
+        if epoch != last_epoch:
+            dev_check(run, engine, tok, "stage0", engine.global_steps)
+            last_epoch = epoch
+        views = [train.examples[i].views[task.english] for i in batch]
+        losses.append(
+            cross_entropy_step(engine, tok, views, labels[batch], cfg.model.max_length, ctx.device)
+        )
+        bar.update(1)
+        if (micro + 1) % (st.grad_accum * cfg.run.log_every) == 0:
+            log_train(run, "stage0", engine, losses, bar)
+    if losses:
+        log_train(run, "stage0", engine, losses, bar)
+    bar.close()
+    dev_check(run, engine, tok, "stage0", engine.global_steps)
+    save_checkpoint(
+        engine,
+        run.run_dir / "checkpoints" / "stage0",
+        f"step{engine.global_steps}",
+        ctx,
+        {"stage": "stage0"},
+    )
+    out = export_hf(engine, tok, run.run_dir / "stage0" / "model", ctx)
+    run.say(f"stage 0 done: model exported to {out}")
+    del engine, scorer
+    gc.collect()
+    return str(out)
+
+
+def log_train(run: Run, stage: str, engine: Any, losses: list[torch.Tensor], bar: Any) -> None:
+    """Mean loss since the last log, averaged over ranks (a collective at the same micro-step
+    on every rank), to TensorBoard and the progress bar."""
+    local = torch.stack([x.float().cpu() for x in losses]).mean().to(torch.float64)
+    loss = float(dist.all_reduce_sum(local, run.ctx)) / run.ctx.world_size
+    step = engine.global_steps
+    run.tb.scalar(f"{stage}/train/loss", loss, step)
+    run.tb.scalar(f"{stage}/train/lr", current_lr(engine), step)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{current_lr(engine):.2e}")
+    losses.clear()
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def stage1_select(run: Run, engine: Any, tok: Any) -> tuple[Selection, list[str], list[str]]:
+    """Teacher selection on the unlabeled corpus with views dealt across ranks; vote counts
+    and confidence sums are all-reduced inside ``select_from_views``."""
+    cfg, task, ctx = run.cfg, run.task, run.ctx
+    corpus = task.unlabeled
+    T = len(task.languages)
+    idx, probs = predict_probs(
+        engine, tok, parallel_views(corpus, task.languages), ctx,
+        cfg.selection.batch_size, cfg.model.max_length, "stage 1 (selection)", cfg.log.progress,
+    )  # fmt: skip
+    sel = select_from_views(
+        probs, idx // T, idx % T, len(corpus), task.languages,
+        threshold=cfg.selection.threshold, reduce=dist.reducer(ctx),
+    )  # fmt: skip
+    teachers, students = sel.teachers, sel.students
+    if cfg.selection.teachers is not None:  # ablation: override the vote
+        chosen = task.languages if cfg.selection.teachers == ["all"] else cfg.selection.teachers
+        teachers = [x for x in task.languages if x in chosen]
+        students = [x for x in task.languages if x not in chosen]
+    for i, lang in enumerate(task.languages):
+        run.tb.scalar(f"selection/s_t/{lang}", float(sel.confidence[i]), 0)
+        run.tb.scalar(f"selection/shat_t/{lang}", float(sel.scores[i]), 0)
+        run.tb.scalar(f"selection/agreement/{lang}", float(sel.agreement[i]), 0)
+    out = sel.to_dict()
+    out.update(
+        {
+            "corpus": corpus.path,
+            "override": cfg.selection.teachers,
+            "teachers_used": teachers,
+            "students_used": students,
+        }
+    )
+    if ctx.is_main:
+        atomic_write_json(run.run_dir / "selection.json", out)
+    run.say(f"stage 1: theta={sel.threshold:.4f} teachers={teachers} students={students}")
+    return sel, teachers, students
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def distill_step(
+    run: Run, engine: Any, tok: Any, batch: list[int], teachers: list[str]
+) -> torch.Tensor:
+    """One micro-step: ONE forward over the B x T views, KL over all (any, teacher) pairs."""
+    d = run.cfg.distill
+    langs = run.task.languages
+    examples = run.task.unlabeled.examples
+    views = [examples[i].views[lang] for i in batch for lang in langs]
+    logits = forward_views(engine, tok, views, run.cfg.model.max_length, run.ctx.device)  # [B*T, C]
+    log_probs = torch.log_softmax(logits.float(), dim=-1).view(
+        len(batch), len(langs), -1
+    )  # [B, T, C]
+    loss = pair_kl_loss(
+        log_probs, langs, teachers,
+        pairs=d.pairs, direction=d.direction, detach_teacher=d.detach_teacher,
+    )  # fmt: skip
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
+def stage2_distill(
+    run: Run, engine: Any, tok: Any, teachers: list[str], students: list[str]
+) -> None:
+    cfg, ctx = run.cfg, run.ctx
+    d = cfg.distill
+    n = len(run.task.unlabeled)
+    plan = plan_steps(n, d.micro_batch, ctx.world_size, d.epochs, d.grad_accum, d.max_steps)
+    run.say(
+        f"stage 2: self-distillation on {n} parallel examples x {len(run.task.languages)} "
+        f"languages, {plan.total_optimizer_steps} optimizer steps, lr {d.lr:g}"
+    )
+    engine.train()
+    bar = progress(plan.total_micro, "stage 2 (distill)", ctx, cfg.log.progress)
+    losses: list[torch.Tensor] = []
+    last_epoch = 0
+    for micro, (epoch, batch) in enumerate(
+        micro_batches(n, d.micro_batch, ctx, cfg.run.seed + 1000, plan)
+    ):
+        if epoch != last_epoch:
+            dev_check(run, engine, tok, "stage2", engine.global_steps, (teachers, students))
+            last_epoch = epoch
+        losses.append(distill_step(run, engine, tok, batch, teachers))
+        bar.update(1)
+        if (micro + 1) % (d.grad_accum * cfg.run.log_every) == 0:
+            log_train(run, "stage2", engine, losses, bar)
+    if losses:
+        log_train(run, "stage2", engine, losses, bar)
+    bar.close()
+    dev_check(run, engine, tok, "stage2", engine.global_steps, (teachers, students))
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+def run_pipeline(cfg: Config, task: TaskData, ctx: dist.DistContext) -> dict:
+    run_dir = Path(cfg.run.output_dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dist.barrier(ctx)
+    run = Run(
+        cfg, task, ctx, run_dir, TBLogger(run_dir / "tb", cfg.log.tensorboard and ctx.is_main)
+    )
+    torch.manual_seed(cfg.run.seed)
+    try:
+        report = _run_stages(run)
+    finally:
+        run.tb.close()
+    unlink_own_buffer(ctx.rank)  # after the last collective: every rank has mapped the others'
+    return report
+
+
+def _run_stages(run: Run) -> dict:
+    cfg, task, ctx = run.cfg, run.task, run.ctx
+    source = stage0_finetune(run) if cfg.stage0.enabled else task.model_source
+    d = cfg.distill
+    ds_cfg = build_ds_config(cfg, d, ctx.world_size)
+    scorer, tok, _ = load_for_stage(
+        cfg.model.family, source, task.num_labels, task.label_words,
+        cfg.model.dropout, cfg.model.dtype, ds_cfg,
+    )  # fmt: skip
+    plan = plan_steps(
+        len(task.unlabeled), d.micro_batch, ctx.world_size, d.epochs, d.grad_accum, d.max_steps
+    )
+    total = plan.total_optimizer_steps
+    engine = build_engine(scorer, ds_cfg, d.lr, d.weight_decay, total, int(d.warmup_ratio * total))
+
+    before_stats = evaluate(run, engine, tok, task.test, "evaluate (before)")
+    sel, teachers, students = stage1_select(run, engine, tok)
+    before = summary(run, before_stats, teachers, students)
+    log_summary(run, "eval/before", before, 0)
+
+    after = None
+    if d.enabled:
+        stage2_distill(run, engine, tok, teachers, students)
+        after = summary(
+            run, evaluate(run, engine, tok, task.test, "evaluate (after)"), teachers, students
+        )
+        log_summary(run, "eval/after", after, engine.global_steps)
+        save_checkpoint(
+            engine,
+            run.run_dir / "checkpoints" / "distill",
+            f"step{engine.global_steps}",
+            ctx,
+            {"stage": "distill"},
+        )
+        export_hf(engine, tok, run.run_dir / "final" / "model", ctx)
+    return write_report(run, sel, teachers, students, before, after)
+
+
+def write_report(run: Run, sel: Selection, teachers, students, before, after) -> dict:
+    roles = {x: ("teacher" if x in teachers else "student") for x in run.task.languages}
+    report = {
+        "english": run.task.english,
+        "languages": run.task.languages,
+        "teachers": teachers,
+        "students": students,
+        "threshold": sel.threshold,
+        "test_file": run.task.test.path,
+        "num_test_examples": len(run.task.test),
+        "before": before,
+        "after": after,
+    }
+    table = markdown_table(before, after, roles)
+    md = (
+        f"# ALSACE report\n\nTest set: `{run.task.test.path}` ({len(run.task.test)} parallel "
+        f"examples x {len(run.task.languages)} languages). Accuracy in %, gap = acc(en) - acc(t); "
+        f"average gaps are over non-English languages.\n\nTeachers: {', '.join(teachers)}; "
+        f"students: {', '.join(students) or '–'} (theta = {sel.threshold:.4f}).\n\n{table}"
+    )
+    if run.ctx.is_main:
+        atomic_write_json(run.run_dir / "report.json", report)
+        atomic_write_text(run.run_dir / "report.md", md)
+        print("\n" + md, flush=True)
+    dist.barrier(run.ctx)
+    return report

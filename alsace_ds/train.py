@@ -1,0 +1,58 @@
+"""Entry point: ``deepspeed --num_gpus N alsace_ds/train.py [--config FILE] [key=value ...]``.
+
+Thin on purpose: parse the config, validate config and data (before any process group,
+model or GPU), initialise distributed, run the stages (``alsace_ds.pipeline``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from alsace_ds.config import ConfigError, load_config  # noqa: E402
+from alsace_ds.data import DataError  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="ALSACE on DeepSpeed: English fine-tuning, teacher selection, "
+        "cross-lingual self-distillation, evaluation.",
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.lr=1e-6")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from alsace_ds.tasks import prepare_task
+
+        cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
+        from alsace_ds.dist import init_distributed
+        from alsace_ds.ds_config import build_ds_config
+
+        ctx = init_distributed(cfg.deepspeed.timeout_s)
+        for stage in (cfg.stage0, cfg.distill):  # batch arithmetic checked before any model
+            build_ds_config(cfg, stage, ctx.world_size)
+    except (ConfigError, DataError) as exc:
+        print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    from alsace_ds.pipeline import run_pipeline
+
+    run_pipeline(cfg, task, ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

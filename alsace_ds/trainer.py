@@ -1,0 +1,285 @@
+"""DeepSpeed plumbing: build a ZeRO engine around a LabelScorer, train it, run inference.
+
+Everything here runs the same work on every rank: batches come from
+``alsace_ds.batching`` (equal counts per rank, padded), so ZeRO-3's per-forward parameter
+gathers line up across ranks. Collectives go through ``alsace_ds.dist``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from alsace_ds import dist
+from alsace_ds.batching import train_batches, view_batches
+from alsace_ds.data import View
+from alsace_ds.ds_config import zero_stage
+from alsace_ds.io import atomic_write_text
+from alsace_ds.models import LabelScorer, encode_views, load_scorer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- model + engine
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """While alive, ``from_pretrained`` builds the model already partitioned (ZeRO-3).
+
+    transformers consults a module-level weak reference to a live ``HfDeepSpeedConfig``.
+    """
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep
+
+
+def load_for_stage(
+    family: str,
+    source: str,
+    num_labels: int,
+    label_words: list[str] | None,
+    dropout: float | None,
+    dtype: str,
+    ds_config: dict[str, Any],
+) -> tuple[LabelScorer, Any, list[str]]:
+    with zero3_init(ds_config):
+        return load_scorer(
+            family,
+            source,
+            num_labels,
+            label_words=label_words,
+            dropout=dropout,
+            dtype=DTYPES[dtype],
+        )
+
+
+def _no_decay(name: str, param: Tensor) -> bool:
+    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 placeholders keep ds_shape
+    return len(shape) < 2 or "norm" in name.lower() or name.endswith(".bias")
+
+
+def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak lr, then linear decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        return max(0.0, (total_steps - step) / span)
+
+    return factor
+
+
+def build_engine(
+    module: LabelScorer,
+    ds_config: dict[str, Any],
+    lr: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int,
+) -> Any:
+    """A DeepSpeed engine with a torch AdamW (no JIT-compiled DeepSpeed optimizer needed)."""
+    optimizer = make_optimizer(module, lr, weight_decay)
+    schedule = linear_schedule(total_steps, warmup_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config,
+    )
+    return engine
+
+
+def current_lr(engine: Any) -> float:
+    return float(engine.get_lr()[0])
+
+
+# ----------------------------------------------------------------------------- step plans
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many micro-steps a stage runs; identical on every rank by construction."""
+
+    micro_per_epoch: int
+    total_micro: int
+    grad_accum: int
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        return math.ceil(self.total_micro / self.grad_accum)
+
+
+def plan_steps(
+    n: int, micro_batch: int, world: int, epochs: float, grad_accum: int, max_steps: int | None
+) -> StepPlan:
+    per_epoch = math.ceil(n / (micro_batch * world))
+    total = max(1, math.ceil(per_epoch * epochs))
+    # Finish on an optimizer-step boundary so no accumulated gradient is left behind.
+    total = math.ceil(total / grad_accum) * grad_accum
+    if max_steps is not None:
+        total = min(total, max_steps * grad_accum)
+    return StepPlan(per_epoch, total, grad_accum)
+
+
+def micro_batches(
+    n: int, micro_batch: int, ctx: dist.DistContext, seed: int, plan: StepPlan
+) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, example indices) for every micro-step of the plan, reshuffled each epoch."""
+    done = 0
+    epoch = 0
+    while done < plan.total_micro:
+        for batch in train_batches(n, micro_batch, ctx.rank, ctx.world_size, seed + epoch):
+            if done == plan.total_micro:
+                return
+            yield epoch, batch
+            done += 1
+        epoch += 1
+
+
+def progress(total: int, desc: str, ctx: dist.DistContext, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=not (enabled and ctx.is_main), dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- forward helpers
+
+
+def forward_views(
+    engine: Any, tokenizer: Any, views: list[View], max_length: int, device: torch.device
+) -> Tensor:
+    """Label logits ``[len(views), C]`` (float32) with ONE forward for the whole batch."""
+    enc = encode_views(tokenizer, views, max_length)
+    return engine(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+
+
+def cross_entropy_step(
+    engine: Any,
+    tokenizer: Any,
+    views: list[View],
+    labels: Tensor,
+    max_length: int,
+    device: torch.device,
+) -> Tensor:
+    logits = forward_views(engine, tokenizer, views, max_length, device)  # [B, C]
+    loss = F.cross_entropy(logits, labels.to(device))
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def predict_probs(
+    engine: Any,
+    tokenizer: Any,
+    views: list[View],
+    ctx: dist.DistContext,
+    batch_size: int,
+    max_length: int,
+    desc: str,
+    show_progress: bool,
+) -> tuple[Tensor, Tensor]:
+    """Label distributions for THIS rank's share of ``views``.
+
+    Views are dealt round-robin across ranks and every rank runs the same number of
+    forwards (dummy views fill the tail and are dropped). Returns (global view indices
+    ``[V_local]`` long, probabilities ``[V_local, C]`` float32).
+    """
+    was_training = engine.training
+    engine.eval()
+    lengths = [len(v) if isinstance(v, str) else len(v[0]) + len(v[1]) for v in views]
+    batches = view_batches(len(views), batch_size, ctx.rank, ctx.world_size, lengths)
+    idx_out: list[Tensor] = []
+    prob_out: list[Tensor] = []
+    with progress(len(batches), desc, ctx, show_progress) as bar:
+        for indices, valid in batches:
+            logits = forward_views(
+                engine, tokenizer, [views[i] for i in indices], max_length, ctx.device
+            )
+            keep = torch.tensor(valid, dtype=torch.bool)
+            prob_out.append(torch.softmax(logits, dim=-1).cpu()[keep])
+            idx_out.append(torch.tensor(indices, dtype=torch.long)[keep])
+            bar.update(1)
+    engine.train(was_training)
+    return torch.cat(idx_out), torch.cat(prob_out)
+
+
+# ----------------------------------------------------------------------------- checkpoints/export
+
+
+def save_checkpoint(
+    engine: Any, ckpt_dir: Path, tag: str, ctx: dist.DistContext, state: dict
+) -> None:
+    """DeepSpeed checkpoint under ``tag``; ``latest`` is replaced atomically only after every
+    rank finished writing its shards (so a crash mid-save leaves the previous one in force)."""
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    dist.barrier(ctx)
+    if ctx.is_main:
+        atomic_write_text(ckpt_dir / "latest", tag)
+    dist.barrier(ctx)
+
+
+def gathered_state_dict(engine: Any) -> dict[str, Tensor]:
+    """Full (unpartitioned) weights of the wrapped LabelScorer on every rank, on CPU."""
+    module = engine.module
+    params = list(module.parameters())
+    ctx = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if zero_stage(engine.config) == 3
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def export_hf(engine: Any, tokenizer: Any, out_dir: Path, ctx: dist.DistContext) -> Path:
+    """Save the model as a plain Hugging Face folder (``from_pretrained`` loads it without
+    this project), atomically: written to a temp folder by rank 0, then renamed."""
+    state = gathered_state_dict(engine)  # collective under ZeRO-3: every rank takes part
+    if ctx.is_main:
+        hf_state = {k.removeprefix("hf_model."): v for k, v in state.items()}
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        engine.module.hf_model.save_pretrained(tmp, state_dict=hf_state)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            _rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    dist.barrier(ctx)
+    return out_dir
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,203 @@
+"""Launch real multi-process gloo jobs for tests (``DS_ACCELERATOR=cpu``, one process per rank).
+
+The parent side (``launch``) starts ``world_size`` Python processes with the torchrun-style
+variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), waits with a deadline,
+kills only the processes it started, and removes ``/dev/shm/deepspeed_*`` files that appeared
+during the run. Run as a script, this file is the worker for test_dist_selection.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHM_GLOB = "/dev/shm/deepspeed_*"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def shm_files() -> set[str]:
+    return set(glob.glob(SHM_GLOB))
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
+    env.update(extra or {})
+    return env
+
+
+def shm_op_cached() -> bool:
+    """True when DeepSpeed's CPU shm comm op is already JIT-built in the extension cache."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    return bool(glob.glob(os.path.join(root, "**", "deepspeed_shm_comm*.so"), recursive=True))
+
+
+def prebuild_shm_op(timeout_s: float = 300.0) -> None:
+    """Build the shm op once in one process, so ranks do not race to JIT-compile it."""
+    if shm_op_cached():
+        return
+    code = (
+        "from deepspeed.accelerator import get_accelerator;"
+        "get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), check=True, timeout=timeout_s, cwd=REPO
+    )
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Kill the process groups we started (each child leads its own session)."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        proc.wait(timeout=30)
+
+
+def launch(
+    world_size: int, args: list[str], log_dir: Path, timeout_s: float = 180.0
+) -> list[tuple[int, str]]:
+    """Run this file as a worker on ``world_size`` ranks; returns [(returncode, log)] per rank.
+
+    Ranks still running at the deadline are killed (returncode -9). New ``/dev/shm``
+    DeepSpeed buffers are deleted afterwards.
+    """
+    before = shm_files()
+    port = str(free_port())
+    procs, logs = [], []
+    try:
+        for rank in range(world_size):
+            env = child_env(
+                {
+                    "RANK": str(rank),
+                    "WORLD_SIZE": str(world_size),
+                    "LOCAL_RANK": str(rank),
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port,
+                }
+            )
+            log = open(log_dir / f"rank{rank}.log", "w")  # closed in the finally block
+            logs.append(log)
+            cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env=env,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break
+    finally:
+        _stop(procs)
+        for log in logs:
+            log.close()
+        for path in shm_files() - before:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    return [
+        (proc.returncode, (log_dir / f"rank{rank}.log").read_text())
+        for rank, proc in enumerate(procs)
+    ]
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _run_cases(spec_path: str, out_dir: str) -> None:
+    import torch
+
+    from alsace_ds import dist
+    from alsace_ds.selection import select_from_views
+
+    spec = torch.load(spec_path)
+    ctx = dist.init_distributed(timeout_s=float(spec.get("timeout_s", 60.0)))
+    assert ctx.world_size == int(os.environ["WORLD_SIZE"]), ctx
+    assert ctx.rank == int(os.environ["RANK"]) and ctx.distributed, ctx
+    results: dict = {"ctx": (ctx.rank, ctx.world_size, ctx.local_rank, str(ctx.device))}
+
+    if spec.get("die_rank") is not None:
+        if ctx.rank == spec["die_rank"]:
+            if spec.get("die_mode") == "stall":  # alive but never joins
+                time.sleep(2 * ctx.timeout_s)
+            os._exit(0)  # leave without joining the collective
+        dist.all_reduce_sum(torch.ones(3), ctx)  # must fail, not hang
+        raise SystemExit("collective with a dead peer returned")
+
+    # Collective primitives.
+    local = torch.tensor([ctx.rank + 1, 10 * (ctx.rank + 1)], dtype=torch.int64)
+    reduced = dist.all_reduce_sum(local, ctx)
+    results["all_reduce_int64"] = reduced.tolist()
+    results["input_untouched"] = local.tolist() == [ctx.rank + 1, 10 * (ctx.rank + 1)]
+    results["all_reduce_float64"] = dist.all_reduce_sum(
+        torch.tensor([0.1 * ctx.rank], dtype=torch.float64), ctx
+    ).tolist()
+    results["broadcast"] = dist.broadcast_object({"from": ctx.rank}, ctx, src=0)
+    results["broadcast_last"] = dist.broadcast_object(ctx.rank * 7, ctx, src=ctx.world_size - 1)
+    results["gather"] = dist.all_gather_object(f"r{ctx.rank}", ctx)
+    dist.barrier(ctx)
+
+    reduce = dist.reducer(ctx)
+    cases = {}
+    for case in spec["cases"]:
+        probs, owner = case["probs"], case["owner"]
+        n, t, c = probs.shape
+        ex_all = torch.arange(n).repeat_interleave(t)
+        lg_all = torch.arange(t).repeat(n)
+        mine = owner == ctx.rank
+        ex, lg = ex_all[mine], lg_all[mine]
+        sel = select_from_views(
+            probs[ex, lg].reshape(-1, c),
+            ex,
+            lg,
+            n,
+            case["languages"],
+            threshold=case.get("threshold"),
+            reduce=reduce,
+        )
+        cases[case["name"]] = {
+            "num_views": int(mine.sum()),
+            "pseudo_labels": sel.pseudo_labels.tolist(),
+            "confidence": sel.confidence.tolist(),
+            "scores": sel.scores.tolist(),
+            "agreement": sel.agreement.tolist(),
+            "dict": sel.to_dict(),
+        }
+    results["cases"] = cases
+    torch.save(results, os.path.join(out_dir, f"rank{ctx.rank}.pt"))
+    dist.barrier(ctx)
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    _run_cases(sys.argv[1], sys.argv[2])

@@ -1,0 +1,130 @@
+"""Typed config: strict loading, dotted overrides, all errors at once; every config file valid;
+the DeepSpeed JSON filled in one place with the batch identity asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alsace_ds.config import Config, ConfigError, load_config
+from alsace_ds.ds_config import build_ds_config, fill_auto, load_template
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+
+
+def test_defaults_load_and_overrides_are_typed():
+    cfg = load_config(None, ["distill.lr=1e-6", "stage0.epochs=2", "task.languages=[en,qaa]"])
+    assert isinstance(cfg, Config)
+    assert cfg.distill.lr == pytest.approx(1e-6) and isinstance(cfg.distill.lr, float)
+    assert cfg.stage0.epochs == 2.0
+    assert cfg.task.languages == ["en", "qaa"]
+
+
+def test_yaml_scientific_notation_is_a_number(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("distill:\n  lr: 3e-8\n")  # YAML 1.1 would read a string
+    assert load_config(p).distill.lr == pytest.approx(3e-8)
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("distill:\n  lrr: 1\nmodel:\n  family: bert\nbogus: {}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p, ["stage0.micro_batch=0", "selection.threshold=abc", "run.seed=x"])
+    msg = str(ei.value)
+    assert "5 problem(s)" in msg or len(ei.value.problems) >= 5, msg
+    for needle in (
+        "distill.lrr: unknown key",
+        "bogus: unknown key",
+        "model.family: 'bert' is not one of",
+        "stage0.micro_batch: must be > 0",
+        "selection.threshold: expected a number",
+        "run.seed: expected an integer",
+    ):
+        assert needle in msg, msg
+    assert str(p) in msg
+
+
+def test_semantic_checks():
+    with pytest.raises(ConfigError) as ei:
+        load_config(
+            None,
+            [
+                "task.name=jsonl",
+                "task.languages=[en,fr,en]",
+                "distill.pairs=sideways",
+                "deepspeed.config=nope.json",
+                "model.dropout=1.5",
+            ],
+        )
+    msg = str(ei.value)
+    assert "task.train_file: required" in msg
+    assert "task.languages: duplicate codes" in msg
+    assert "distill.pairs: 'sideways' is not one of ['ordered', 'unordered']" in msg
+    assert "deepspeed.config: no such file 'nope.json'" in msg
+    assert "model.dropout: must be in [0, 1)" in msg
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["distill.lr"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    for stage in (cfg.stage0, cfg.distill):
+        ds = build_ds_config(cfg, stage, 2)
+        assert ds["train_batch_size"] == stage.micro_batch * stage.grad_accum * 2
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_every_ds_config_fills_completely(path):
+    cfg = load_config(
+        None, [f"deepspeed.config={path}", "distill.micro_batch=4", "distill.grad_accum=3"]
+    )
+    ds = build_ds_config(cfg, cfg.distill, 5)
+    text = json.dumps(ds)
+    assert '"auto"' not in text
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 60
+    assert ds["zero_optimization"]["stage"] in (1, 2, 3)
+
+
+def test_zero_stage_override_and_persistence_threshold():
+    cfg = load_config(
+        None,
+        ["deepspeed.config=ds_configs/zero3.json", "deepspeed.param_persistence_threshold=0"],
+    )
+    ds = build_ds_config(cfg, cfg.stage0, 2)
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    cfg = load_config(None, ["deepspeed.zero_stage=1"])
+    assert build_ds_config(cfg, cfg.stage0, 2)["zero_optimization"]["stage"] == 1
+
+
+def test_batch_size_that_does_not_divide(tmp_path):
+    """A fixed train_batch_size in the JSON that disagrees with micro x accum x world."""
+    tpl = load_template(ROOT / "ds_configs" / "zero2.json")
+    tpl["train_batch_size"] = 30
+    p = tmp_path / "fixed.json"
+    p.write_text(json.dumps(tpl))
+    cfg = load_config(None, [f"deepspeed.config={p}", "stage0.micro_batch=8"])
+    with pytest.raises(ConfigError) as ei:
+        build_ds_config(cfg, cfg.stage0, 2)
+    assert "'train_batch_size' is 30 but our config says 16" in str(ei.value)
+    assert str(p) in str(ei.value)
+
+
+def test_fill_auto_reports_unfilled_and_mismatch():
+    tpl = {"a": "auto", "b": {"c": "auto"}, "d": 1}
+    with pytest.raises(ConfigError) as ei:
+        fill_auto(tpl, {"a": 1, "d": 2}, "x.json")
+    msg = str(ei.value)
+    assert "'b.c' is \"auto\" but nothing fills it" in msg
+    assert "'d' is 1 but our config says 2" in msg
+    assert fill_auto(tpl, {"a": 1, "b.c": 2, "d": 1}, "x.json") == {"a": 1, "b": {"c": 2}, "d": 1}
