@@ -7,6 +7,7 @@ model or GPU), initialise distributed, run the stages (``alsace_ds.pipeline``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def launcher_world_size() -> int:
+    """The world size the launcher announced (deepspeed/torchrun: WORLD_SIZE; mpirun: its own
+    variables), read here so that batch arithmetic fails before any process group exists."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def check_batches(cfg, world: int) -> None:
+    from alsace_ds.ds_config import build_ds_config
+
+    for stage in (cfg.stage0, cfg.distill):
+        build_ds_config(cfg, stage, world)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -39,12 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         from alsace_ds.tasks import prepare_task
 
         cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
+        check_batches(cfg, launcher_world_size())
         from alsace_ds.dist import init_distributed
-        from alsace_ds.ds_config import build_ds_config
 
         ctx = init_distributed(cfg.deepspeed.timeout_s)
-        for stage in (cfg.stage0, cfg.distill):  # batch arithmetic checked before any model
-            build_ds_config(cfg, stage, ctx.world_size)
+        check_batches(cfg, ctx.world_size)  # the real world, e.g. after MPI discovery
     except (ConfigError, DataError) as exc:
         print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
         return 2

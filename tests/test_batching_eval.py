@@ -30,10 +30,10 @@ def test_view_batches_equal_forwards_and_exact_cover(items, bs, world):
     lengths = [(i * 7) % 5 for i in range(items)]
     out = [view_batches(items, bs, r, world, lengths) for r in range(world)]
     assert len({len(b) for b in out}) == 1  # same number of forwards on every rank
-    valid = [i for rank in out for idx, ok in rank for i, v in zip(idx, ok) if v]
+    valid = [i for rank in out for idx, ok in rank for i, v in zip(idx, ok, strict=True) if v]
     assert sorted(valid) == list(range(items))  # each view exactly once
     for rank in out:  # sorted longest first within a rank
-        ls = [lengths[i] for idx, ok in rank for i, v in zip(idx, ok) if v]
+        ls = [lengths[i] for idx, ok in rank for i, v in zip(idx, ok, strict=True) if v]
         assert ls == sorted(ls, reverse=True)
 
 

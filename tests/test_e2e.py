@@ -1,0 +1,202 @@
+"""End to end: the real entry point under the real launcher (2 CPU ranks, gloo, ZeRO), on the
+embedded task, and every output checked against an independent one-process recomputation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from _launch import launch, recompute_probs, run_single
+from alsace_ds.config import load_config
+from alsace_ds.selection import select_teachers
+
+# Short but real: stage 0 learns the English task, stage 2 runs a few optimizer steps.
+FAST = [
+    "stage0.epochs=2",
+    "distill.max_steps=6",
+    "run.log_every=2",
+    "log.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("alsace_cache")
+
+
+@pytest.fixture(scope="module")
+def xlmr_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("run") / "xlmr"
+    res = launch([f"run.output_dir={out}", *FAST], cache)
+    assert res.returncode == 0, res.stdout[-6000:]
+    return out, res.stdout
+
+
+def _probs_and_selection(run_dir: Path, model_dir: Path, corpus_key: str):
+    cfg = load_config(run_dir / "config.yaml")
+    t = cfg.task
+    words = (cfg.model.label_words or t.labels) if cfg.model.family == "mt5" else None
+    probs, corpus = recompute_probs(
+        model_dir,
+        cfg.model.family,
+        getattr(t, corpus_key),
+        t.languages,
+        t.labels,
+        words,
+        cfg.model.max_length,
+    )
+    return cfg, probs, corpus
+
+
+def _accuracy(probs: torch.Tensor, corpus, languages) -> dict[str, float]:
+    labels = corpus.labels()
+    pred = probs.argmax(-1)  # [N, T]
+    return {
+        lang: 100.0 * float((pred[:, t] == labels).double().mean())
+        for t, lang in enumerate(languages)
+    }
+
+
+def test_run_directory_contents(xlmr_run):
+    out, stdout = xlmr_run
+    for rel in (
+        "config.yaml",
+        "selection.json",
+        "report.json",
+        "report.md",
+        "stage0/model/config.json",
+        "final/model/config.json",
+        "checkpoints/stage0/latest",
+        "checkpoints/distill/latest",
+    ):
+        assert (out / rel).is_file(), rel
+    for stage in ("stage0", "distill"):
+        tag = (out / "checkpoints" / stage / "latest").read_text().strip()
+        assert (out / "checkpoints" / stage / tag).is_dir()
+    # no temp files left behind by the atomic writers
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp-*"))
+    # the console ends with the before/after table
+    tail = stdout[stdout.rindex("# ALSACE report") :]
+    assert "| **avg students**" in tail and "acc before" in tail
+    # the resolved config is a valid config that names the real files
+    cfg = load_config(out / "config.yaml")
+    assert Path(cfg.task.unlabeled_file).is_file() and cfg.model.name_or_path != "embedded"
+
+
+def test_selection_equals_one_process_recomputation(xlmr_run):
+    """2 ranks with views dealt across them == select_teachers on the full tensor."""
+    out, _ = xlmr_run
+    cfg, probs, corpus = _probs_and_selection(out, out / "stage0" / "model", "unlabeled_file")
+    sel = json.loads((out / "selection.json").read_text())
+    ref = select_teachers(probs, cfg.task.languages, cfg.selection.threshold)
+    assert sel["teachers"] == ref.teachers and sel["students"] == ref.students
+    assert sel["num_examples"] == len(corpus) == cfg.task.max_unlabeled
+    assert sel["threshold"] == pytest.approx(1 / len(cfg.task.languages))
+    for t, lang in enumerate(cfg.task.languages):
+        row = sel["languages"][lang]
+        assert row["s_t"] == pytest.approx(float(ref.confidence[t]), abs=1e-5)
+        assert row["shat_t"] == pytest.approx(float(ref.scores[t]), abs=1e-6)
+        assert row["agreement"] == pytest.approx(float(ref.agreement[t]), abs=1e-6)
+    assert sum(r["shat_t"] for r in sel["languages"].values()) == pytest.approx(1.0)
+
+
+def test_report_equals_one_process_evaluation(xlmr_run):
+    out, _ = xlmr_run
+    report = json.loads((out / "report.json").read_text())
+    for when, model in (("before", "stage0"), ("after", "final")):
+        cfg, probs, corpus = _probs_and_selection(out, out / model / "model", "test_file")
+        acc = _accuracy(probs, corpus, cfg.task.languages)
+        for lang, value in acc.items():
+            assert report[when]["accuracy"][lang] == pytest.approx(value, abs=1e-9), (when, lang)
+        en = acc[cfg.task.english]
+        for lang in cfg.task.languages:
+            assert report[when]["gap"][lang] == pytest.approx(en - acc[lang], abs=1e-9)
+    # stage 0 really learned English (3 labels: chance is 33%) and the disparity is there
+    before = report["before"]["accuracy"]
+    assert before["en"] > 80.0
+    assert min(before.values()) < before["en"] - 10.0
+    md = (out / "report.md").read_text()
+    assert (
+        f"| en | {'teacher' if 'en' in report['teachers'] else 'student'} | {before['en']:.2f} |"
+        in md
+    )
+
+
+def test_tensorboard_has_the_curves(xlmr_run):
+    out, _ = xlmr_run
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    langs = load_config(out / "config.yaml").task.languages
+    expected = {"stage0/train/loss", "stage0/train/lr", "stage2/train/loss", "stage2/train/lr"}
+    for lang in langs:
+        expected |= {
+            f"selection/s_t/{lang}",
+            f"selection/shat_t/{lang}",
+            f"eval/before/accuracy/{lang}",
+            f"eval/after/accuracy/{lang}",
+        }
+        if lang != "en":
+            expected |= {f"eval/before/gap/{lang}", f"eval/after/gap/{lang}"}
+    assert expected <= tags, sorted(expected - tags)
+    losses = [e.value for e in acc.Scalars("stage0/train/loss")]
+    assert losses[-1] < losses[0]  # English fine-tuning reduced the loss
+    report = json.loads((out / "report.json").read_text())
+    tb_en = acc.Scalars("eval/before/accuracy/en")[0].value
+    assert tb_en == pytest.approx(report["before"]["accuracy"]["en"], abs=1e-3)
+
+
+def test_start_from_stage0_model_in_one_process_gives_the_same_selection(xlmr_run, cache, tmp_path):
+    """Skipping stage 0 (init_from) on ONE process reproduces the 2-rank before-numbers."""
+    out, _ = xlmr_run
+    res = run_single(
+        [
+            f"run.output_dir={tmp_path / 'again'}",
+            "stage0.enabled=false",
+            f"stage0.init_from={out / 'stage0' / 'model'}",
+            "distill.enabled=false",
+            "log.progress=false",
+        ],
+        cache,
+    )
+    assert res.returncode == 0, res.stdout[-6000:]
+    a = json.loads((out / "selection.json").read_text())
+    b = json.loads((tmp_path / "again" / "selection.json").read_text())
+    assert a["teachers"] == b["teachers"]
+    for lang in a["languages"]:
+        assert a["languages"][lang]["s_t"] == pytest.approx(b["languages"][lang]["s_t"], abs=1e-6)
+    ra = json.loads((out / "report.json").read_text())["before"]["accuracy"]
+    rb = json.loads((tmp_path / "again" / "report.json").read_text())["before"]["accuracy"]
+    assert ra == pytest.approx(rb, abs=1e-9)
+    cfg = yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())
+    assert cfg["stage0"]["enabled"] is False
+
+
+def test_mt5_under_zero3_partitioned(tmp_path, cache):
+    """mT5 label words + ZeRO-3 with every parameter partitioned: the export gathers the
+    shards, and the exported model reproduces the reported accuracy in one process."""
+    out = tmp_path / "mt5"
+    res = launch(
+        [
+            f"run.output_dir={out}",
+            "model.family=mt5",
+            "deepspeed.config=ds_configs/zero3.json",
+            "deepspeed.param_persistence_threshold=0",
+            "stage0.max_steps=6",
+            "distill.max_steps=2",
+            "log.progress=false",
+        ],
+        cache,
+    )
+    assert res.returncode == 0, res.stdout[-6000:]
+    report = json.loads((out / "report.json").read_text())
+    cfg, probs, corpus = _probs_and_selection(out, out / "final" / "model", "test_file")
+    acc = _accuracy(probs, corpus, cfg.task.languages)
+    assert report["after"]["accuracy"] == pytest.approx(acc, abs=1e-9)
+    sel = json.loads((out / "selection.json").read_text())
+    assert sorted(sel["teachers"] + sel["students"]) == sorted(cfg.task.languages)
