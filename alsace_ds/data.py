@@ -2,7 +2,8 @@
 
 Format
 ======
-One example per line (JSON Lines, UTF-8). Each line is a JSON object::
+One example per line (JSON Lines, UTF-8; a byte-order mark and CRLF line ends are accepted).
+Each line is a JSON object::
 
     {"id": "ex-17", "label": 2, "text": {"en": "The match ended late.", "fr": "Le match ..."}}
     {"id": "p-3", "label": "entailment",
@@ -257,6 +258,8 @@ def load_parallel_jsonl(
         raw_lines = fh.read().split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()
+    if raw_lines and raw_lines[0].startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+        raw_lines[0] = raw_lines[0][3:]
     for lineno, raw in enumerate(raw_lines, start=1):
         if max_examples is not None and n_rows >= max_examples:
             break

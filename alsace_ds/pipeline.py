@@ -217,6 +217,12 @@ def stage1_select(run: Run, engine: Any, tok: Any) -> tuple[Selection, list[str]
         threshold=cfg.selection.threshold, reduce=dist.reducer(ctx),
     )  # fmt: skip
     teachers, students = sel.teachers, sel.students
+    if not teachers and cfg.selection.teachers is None:
+        best = max(float(x) for x in sel.scores)
+        raise RuntimeError(
+            f"stage 1: no language reached selection.threshold={sel.threshold:g} "
+            f"(highest shat_t = {best:.4f}); lower the threshold or leave it null (= 1/|T|)"
+        )
     if cfg.selection.teachers is not None:  # ablation: override the vote
         chosen = task.languages if cfg.selection.teachers == ["all"] else cfg.selection.teachers
         teachers = [x for x in task.languages if x in chosen]
@@ -354,8 +360,30 @@ def _run_stages(run: Run) -> dict:
     return write_report(run, sel, teachers, students, before, after)
 
 
+def health_warnings(before: dict, after: dict | None, english: str) -> list[str]:
+    """Signs that distillation hurt: a smaller gap bought with lower accuracy is a failure."""
+    if after is None:
+        return []
+    out = []
+    b, a = before["averages"]["all"]["accuracy"], after["averages"]["all"]["accuracy"]
+    if a < b:
+        out.append(f"average accuracy fell from {b:.2f} to {a:.2f}: a smaller gap is no gain here")
+    drop = before["accuracy"][english] - after["accuracy"][english]
+    if drop > 2.0:
+        out.append(f"{english} accuracy fell by {drop:.2f} points")
+    for lang, h_b in before.get("prediction_entropy_bits", {}).items():
+        h_a = after["prediction_entropy_bits"][lang]
+        if h_a < 0.5 * h_b:
+            out.append(
+                f"{lang}: prediction entropy fell from {h_b:.2f} to {h_a:.2f} bits "
+                "(predictions collapsing toward one label)"
+            )
+    return out
+
+
 def write_report(run: Run, sel: Selection, teachers, students, before, after) -> dict:
     roles = {x: ("teacher" if x in teachers else "student") for x in run.task.languages}
+    warnings = health_warnings(before, after, run.task.english)
     report = {
         "english": run.task.english,
         "languages": run.task.languages,
@@ -366,6 +394,7 @@ def write_report(run: Run, sel: Selection, teachers, students, before, after) ->
         "num_test_examples": len(run.task.test),
         "before": before,
         "after": after,
+        "warnings": warnings,
     }
     table = markdown_table(before, after, roles)
     md = (
@@ -374,6 +403,8 @@ def write_report(run: Run, sel: Selection, teachers, students, before, after) ->
         f"average gaps are over non-English languages.\n\nTeachers: {', '.join(teachers)}; "
         f"students: {', '.join(students) or '–'} (theta = {sel.threshold:.4f}).\n\n{table}"
     )
+    if warnings:
+        md += "\n" + "".join(f"**WARNING**: {w}\n" for w in warnings)
     if run.ctx.is_main:
         atomic_write_json(run.run_dir / "report.json", report)
         atomic_write_text(run.run_dir / "report.md", md)

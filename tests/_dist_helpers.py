@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHM_GLOB = "/dev/shm/deepspeed_*"
+SHM_GLOB = "/dev/shm/deepspeed_allreduce_buffer_*"
 
 
 def free_port() -> int:
@@ -27,8 +27,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def shm_files() -> set[str]:
-    return set(glob.glob(SHM_GLOB))
+def shm_files(port: str | int | None = None) -> set[str]:
+    """DeepSpeed shm buffers; with ``port`` only those of the job on that master port (the
+    name is ``..._<uid>_<addr>_<port>_<rank>``), so a concurrent job's buffers are never touched."""
+    pattern = SHM_GLOB if port is None else f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"
+    return set(glob.glob(pattern))
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -83,8 +86,8 @@ def launch(
     Ranks still running at the deadline are killed (returncode -9). New ``/dev/shm``
     DeepSpeed buffers are deleted afterwards.
     """
-    before = shm_files()
     port = str(free_port())
+    before = shm_files(port)
     procs, logs = [], []
     try:
         for rank in range(world_size):
@@ -120,7 +123,7 @@ def launch(
         _stop(procs)
         for log in logs:
             log.close()
-        for path in shm_files() - before:
+        for path in shm_files(port) - before:
             try:
                 os.unlink(path)
             except FileNotFoundError:

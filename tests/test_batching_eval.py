@@ -81,3 +81,21 @@ def test_plan_and_schedule():
     assert plan_steps(100, 8, 2, 2, 1, max_steps=4).total_micro == 4
     f = linear_schedule(total_steps=10, warmup_steps=2)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_health_warnings_flag_a_collapse_but_not_a_gain():
+    from alsace_ds.pipeline import health_warnings
+
+    langs = ["en", "a"]
+    count = torch.full((2,), 100.0, dtype=torch.float64)
+    spread = torch.tensor([[40.0, 30.0, 30.0], [35.0, 35.0, 30.0]], dtype=torch.float64)
+    before = summarize(langs, torch.tensor([90.0, 60.0]), count, "en", langs, [], spread)
+    gain = summarize(langs, torch.tensor([90.0, 70.0]), count, "en", langs, [], spread)
+    one_label = torch.tensor([[100.0, 0, 0], [100.0, 0, 0]], dtype=torch.float64)
+    collapse = summarize(langs, torch.tensor([40.0, 40.0]), count, "en", langs, [], one_label)
+    assert health_warnings(before, gain, "en") == []
+    assert health_warnings(before, None, "en") == []
+    w = health_warnings(before, collapse, "en")
+    assert any("average accuracy fell from 75.00 to 40.00" in x for x in w)
+    assert any("en accuracy fell by 50.00 points" in x for x in w)
+    assert sum("collapsing toward one label" in x for x in w) == 2

@@ -95,6 +95,15 @@ def test_valid_pair_file_loads(tmp_path):
     assert corpus.labels().tolist() == [2, 1]
 
 
+def test_bom_and_crlf_are_accepted(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    lines = [json.dumps(row(1)), json.dumps(row(2, label="neutral"))]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    corpus = load(path)
+    assert corpus.ids == ["ex-1", "ex-2"]
+    assert corpus.labels().tolist() == [0, 1]
+
+
 def test_unlabeled_file_has_no_labels(tmp_path):
     path = write(tmp_path, [{"text": {"en": "x", "fr": "y"}}, {"text": {"en": "z", "fr": "w"}}])
     corpus = load(path, require_label=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist_helpers import REPO, child_env, launch, prebuild_shm_op, shm_files
+from _dist_helpers import REPO, child_env, free_port, launch, prebuild_shm_op, shm_files
 
 from alsace_ds.dist import (
     DistContext,
@@ -157,17 +157,18 @@ def test_plain_python_process_initialises_a_world_of_one(tmp_path: Path) -> None
         "dist.shutdown()\n"
         "print('OK')\n"
     )
-    before = shm_files()
+    port = free_port()
+    before = shm_files(port)
     try:
         proc = subprocess.run(
             [sys.executable, "-c", code],
-            env=child_env(),
+            env=child_env({"MASTER_PORT": str(port)}),
             cwd=REPO,
             capture_output=True,
             text=True,
             timeout=120,
         )
     finally:
-        for path in shm_files() - before:
+        for path in shm_files(port) - before:
             Path(path).unlink(missing_ok=True)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

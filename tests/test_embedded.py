@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -203,7 +204,7 @@ def test_concurrent_builds_share_one_folder(tmp_path):
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(3)
+        for _ in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
@@ -218,6 +219,27 @@ def test_concurrent_builds_share_one_folder(tmp_path):
     langs = list(EMBEDDED_LANGUAGES)
     test = load_parallel_jsonl(built / "test.jsonl", langs, EMBEDDED_LABELS, require_label=True)
     assert len(test) == 45
+
+
+def test_losing_the_rename_race_reuses_the_winner(tmp_path, monkeypatch):
+    import alsace_ds.embedded as embedded
+
+    winner = build_embedded(tmp_path / "winner", spec=SMALL)
+    root = tmp_path / "root"
+    target = root / winner.root.name
+    real_write = embedded._write_data
+
+    def write_then_lose(out, spec):
+        vocab = real_write(out, spec)
+        shutil.copytree(winner.root, target)  # another rank finishes first
+        (target / "marker").write_text("winner")
+        return vocab
+
+    monkeypatch.setattr(embedded, "_write_data", write_then_lose)
+    got = build_embedded(root, spec=SMALL)
+    assert got.root == target
+    assert (target / "marker").read_text() == "winner"  # the winner's copy was kept
+    assert [p.name for p in root.iterdir()] == [target.name]  # our temp dir was removed
 
 
 def test_spec_validation(tmp_path):
