@@ -10,6 +10,7 @@ Face folders) and ``tb/`` (TensorBoard events).
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 import yaml
 
 from alsace_ds import dist
-from alsace_ds.config import Config
+from alsace_ds.config import Config, DistillConfig, Stage0Config
 from alsace_ds.data import ParallelCorpus, View
 from alsace_ds.distill import pair_kl_loss
 from alsace_ds.ds_config import build_ds_config
@@ -29,6 +30,7 @@ from alsace_ds.shm_cleanup import unlink_own_buffer
 from alsace_ds.tasks import TaskData
 from alsace_ds.tb import TBLogger
 from alsace_ds.trainer import (
+    StepPlan,
     build_engine,
     cross_entropy_step,
     current_lr,
@@ -152,27 +154,14 @@ def stage0_finetune(run: Run) -> str:
         f"(ZeRO-{ds_cfg['zero_optimization']['stage']}, {ctx.world_size} rank(s))"
     )
     labels = train.labels()
-    engine.train()
-    bar = progress(plan.total_micro, "stage 0 (English)", ctx, cfg.log.progress)
-    losses: list[torch.Tensor] = []
-    last_epoch = 0
-    for micro, (epoch, batch) in enumerate(
-        micro_batches(len(train), st.micro_batch, ctx, cfg.run.seed, plan)
-    ):
-        if epoch != last_epoch:
-            dev_check(run, engine, tok, "stage0", engine.global_steps)
-            last_epoch = epoch
+
+    def step(batch: list[int]) -> torch.Tensor:
         views = [train.examples[i].views[task.english] for i in batch]
-        losses.append(
-            cross_entropy_step(engine, tok, views, labels[batch], cfg.model.max_length, ctx.device)
+        return cross_entropy_step(
+            engine, tok, views, labels[batch], cfg.model.max_length, ctx.device
         )
-        bar.update(1)
-        if (micro + 1) % (st.grad_accum * cfg.run.log_every) == 0:
-            log_train(run, "stage0", engine, losses, bar)
-    if losses:
-        log_train(run, "stage0", engine, losses, bar)
-    bar.close()
-    dev_check(run, engine, tok, "stage0", engine.global_steps)
+
+    train_loop(run, "stage0", engine, tok, plan, len(train), st, cfg.run.seed, step)
     save_checkpoint(
         engine,
         run.run_dir / "checkpoints" / "stage0",
@@ -182,9 +171,39 @@ def stage0_finetune(run: Run) -> str:
     )
     out = export_hf(engine, tok, run.run_dir / "stage0" / "model", ctx)
     run.say(f"stage 0 done: model exported to {out}")
-    del engine, scorer
-    gc.collect()
     return str(out)
+
+
+def train_loop(
+    run: Run,
+    stage: str,
+    engine: Any,
+    tok: Any,
+    plan: StepPlan,
+    n: int,
+    st: Stage0Config | DistillConfig,
+    seed: int,
+    step: Callable[[list[int]], torch.Tensor],
+    roles: tuple[list[str], list[str]] | None = None,
+) -> None:
+    """The micro-step loop shared by both training stages: ``step(batch) -> loss`` does the
+    forward/backward/step; dev curves at epoch ends, mean loss every ``run.log_every`` steps."""
+    engine.train()
+    bar = progress(plan.total_micro, stage, run.ctx, run.cfg.log.progress)
+    losses: list[torch.Tensor] = []
+    last_epoch = 0
+    for micro, (epoch, batch) in enumerate(micro_batches(n, st.micro_batch, run.ctx, seed, plan)):
+        if epoch != last_epoch:
+            dev_check(run, engine, tok, stage, engine.global_steps, roles)
+            last_epoch = epoch
+        losses.append(step(batch))
+        bar.update(1)
+        if (micro + 1) % (st.grad_accum * run.cfg.run.log_every) == 0:
+            log_train(run, stage, engine, losses, bar)
+    if losses:
+        log_train(run, stage, engine, losses, bar)
+    bar.close()
+    dev_check(run, engine, tok, stage, engine.global_steps, roles)
 
 
 def log_train(run: Run, stage: str, engine: Any, losses: list[torch.Tensor], bar: Any) -> None:
@@ -281,24 +300,11 @@ def stage2_distill(
         f"stage 2: self-distillation on {n} parallel examples x {len(run.task.languages)} "
         f"languages, {plan.total_optimizer_steps} optimizer steps, lr {d.lr:g}"
     )
-    engine.train()
-    bar = progress(plan.total_micro, "stage 2 (distill)", ctx, cfg.log.progress)
-    losses: list[torch.Tensor] = []
-    last_epoch = 0
-    for micro, (epoch, batch) in enumerate(
-        micro_batches(n, d.micro_batch, ctx, cfg.run.seed + 1000, plan)
-    ):
-        if epoch != last_epoch:
-            dev_check(run, engine, tok, "stage2", engine.global_steps, (teachers, students))
-            last_epoch = epoch
-        losses.append(distill_step(run, engine, tok, batch, teachers))
-        bar.update(1)
-        if (micro + 1) % (d.grad_accum * cfg.run.log_every) == 0:
-            log_train(run, "stage2", engine, losses, bar)
-    if losses:
-        log_train(run, "stage2", engine, losses, bar)
-    bar.close()
-    dev_check(run, engine, tok, "stage2", engine.global_steps, (teachers, students))
+    train_loop(
+        run, "stage2", engine, tok, plan, n, d, cfg.run.seed + 1000,
+        lambda batch: distill_step(run, engine, tok, batch, teachers),
+        roles=(teachers, students),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -325,6 +331,7 @@ def run_pipeline(cfg: Config, task: TaskData, ctx: dist.DistContext) -> dict:
 def _run_stages(run: Run) -> dict:
     cfg, task, ctx = run.cfg, run.task, run.ctx
     source = stage0_finetune(run) if cfg.stage0.enabled else task.model_source
+    gc.collect()  # the stage-0 engine is unreachable now; free it before building the next
     d = cfg.distill
     ds_cfg = build_ds_config(cfg, d, ctx.world_size)
     scorer, tok, _ = load_for_stage(
