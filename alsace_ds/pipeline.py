@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from alsace_ds import dist
-from alsace_ds.config import Config, DistillConfig, Stage0Config
+from alsace_ds import dist, signals
+from alsace_ds.config import Config, ConfigError, DistillConfig, Stage0Config
 from alsace_ds.data import ParallelCorpus, View
 from alsace_ds.distill import pair_kl_loss
 from alsace_ds.ds_config import build_ds_config
@@ -36,6 +36,8 @@ from alsace_ds.trainer import (
     current_lr,
     export_hf,
     forward_views,
+    latest_tag,
+    load_checkpoint,
     load_for_stage,
     micro_batches,
     plan_steps,
@@ -54,7 +56,7 @@ class Run:
     ctx: dist.DistContext
     run_dir: Path
     tb: TBLogger
-    log: list[str] = field(default_factory=list)
+    steps_done: int = 0  # optimizer steps in this invocation, over both stages
 
     def say(self, msg: str) -> None:
         if self.ctx.is_main:
@@ -161,14 +163,11 @@ def stage0_finetune(run: Run) -> str:
             engine, tok, views, labels[batch], cfg.model.max_length, ctx.device
         )
 
-    train_loop(run, "stage0", engine, tok, plan, len(train), st, cfg.run.seed, step)
-    save_checkpoint(
-        engine,
-        run.run_dir / "checkpoints" / "stage0",
-        f"step{engine.global_steps}",
-        ctx,
-        {"stage": "stage0"},
-    )
+    point = resume_point(run, "stage0", engine)
+    if not point["complete"]:
+        seed = cfg.run.seed
+        train_loop(run, "stage0", engine, tok, plan, len(train), st, seed, step, point["micro"])
+        save_stage(run, "stage0", engine, plan.total_micro, complete=True)
     out = export_hf(engine, tok, run.run_dir / "stage0" / "model", ctx)
     run.say(f"stage 0 done: model exported to {out}")
     return str(out)
@@ -184,15 +183,18 @@ def train_loop(
     st: Stage0Config | DistillConfig,
     seed: int,
     step: Callable[[list[int]], torch.Tensor],
+    start: int = 0,
     roles: tuple[list[str], list[str]] | None = None,
 ) -> None:
     """The micro-step loop shared by both training stages: ``step(batch) -> loss`` does the
-    forward/backward/step; dev curves at epoch ends, mean loss every ``run.log_every`` steps."""
+    forward/backward/step; dev curves at epoch ends, mean loss every ``run.log_every`` steps,
+    checkpoint / stop decisions at optimizer-step boundaries. ``start`` resumes mid-stage."""
     engine.train()
     bar = progress(plan.total_micro, stage, run.ctx, run.cfg.log.progress)
+    bar.update(start)
     losses: list[torch.Tensor] = []
-    last_epoch = 0
-    for micro, (epoch, batch) in enumerate(micro_batches(n, st.micro_batch, run.ctx, seed, plan)):
+    last_epoch = (start - 1) // plan.micro_per_epoch if start else 0
+    for micro, epoch, batch in micro_batches(n, st.micro_batch, run.ctx, seed, plan, start):
         if epoch != last_epoch:
             dev_check(run, engine, tok, stage, engine.global_steps, roles)
             last_epoch = epoch
@@ -200,10 +202,59 @@ def train_loop(
         bar.update(1)
         if (micro + 1) % (st.grad_accum * run.cfg.run.log_every) == 0:
             log_train(run, stage, engine, losses, bar)
+        if (micro + 1) % st.grad_accum == 0:
+            step_boundary(run, stage, engine, micro + 1, last=micro + 1 == plan.total_micro)
     if losses:
         log_train(run, stage, engine, losses, bar)
     bar.close()
     dev_check(run, engine, tok, stage, engine.global_steps, roles)
+
+
+CKPT_NAMES = {"stage0": "stage0", "stage2": "distill", "distill": "distill"}
+
+
+def ckpt_dir(run: Run, stage: str) -> Path:
+    return run.run_dir / "checkpoints" / CKPT_NAMES[stage]
+
+
+def save_stage(run: Run, stage: str, engine: Any, micro: int, complete: bool) -> None:
+    save_checkpoint(
+        engine,
+        ckpt_dir(run, stage),
+        f"step{engine.global_steps}",
+        run.ctx,
+        {"stage": stage, "micro": micro, "complete": complete},
+        keep=run.cfg.run.keep_checkpoints,
+    )
+
+
+def step_boundary(run: Run, stage: str, engine: Any, micro: int, last: bool) -> None:
+    """After an optimizer step: periodic checkpoint; and a stop that every rank agrees on (a
+    signal seen by any rank, or ``run.stop_after_steps``) saves and raises ``Preempted``.
+    The stage's last step only counts: its caller saves the completed checkpoint, and a stop
+    asked for then takes effect at the next stage's first step."""
+    run.steps_done += 1
+    if last:
+        return
+    limit = run.cfg.run.stop_after_steps
+    want = signals.requested() or (limit is not None and run.steps_done >= limit)
+    flag = dist.all_reduce_sum(torch.tensor([int(want)], dtype=torch.int64), run.ctx)
+    stop = bool(flag.item())  # same value on every rank: no rank-dependent branch below
+    every = run.cfg.run.checkpoint_every
+    if stop or (every and engine.global_steps % every == 0):
+        save_stage(run, stage, engine, micro, complete=False)
+    if stop:
+        raise signals.Preempted(f"{stage} stopped at optimizer step {engine.global_steps}")
+
+
+def resume_point(run: Run, stage: str, engine: Any) -> dict:
+    """Load the stage's latest committed checkpoint into ``engine`` (``run.resume: auto``)."""
+    tag = latest_tag(ckpt_dir(run, stage)) if run.cfg.run.resume == "auto" else None
+    if tag is None:
+        return {"micro": 0, "complete": False}
+    client = load_checkpoint(engine, ckpt_dir(run, stage), tag, run.ctx)
+    run.say(f"{stage}: resumed from checkpoint {tag} (micro-step {client.get('micro', 0)})")
+    return {"micro": int(client.get("micro", 0)), "complete": bool(client.get("complete"))}
 
 
 def log_train(run: Run, stage: str, engine: Any, losses: list[torch.Tensor], bar: Any) -> None:
@@ -300,14 +351,56 @@ def stage2_distill(
         f"stage 2: self-distillation on {n} parallel examples x {len(run.task.languages)} "
         f"languages, {plan.total_optimizer_steps} optimizer steps, lr {d.lr:g}"
     )
+    point = resume_point(run, "distill", engine)
+    if point["complete"]:
+        return
     train_loop(
         run, "stage2", engine, tok, plan, n, d, cfg.run.seed + 1000,
         lambda batch: distill_step(run, engine, tok, batch, teachers),
-        roles=(teachers, students),
+        point["micro"], roles=(teachers, students),
     )  # fmt: skip
+    save_stage(run, "distill", engine, plan.total_micro, complete=True)
 
 
 # ----------------------------------------------------------------------------- the whole run
+
+
+# Sections whose change makes an old checkpoint meaningless for this run.
+RESUME_SECTIONS = ("task", "model", "stage0", "selection", "distill")
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            d
+            for k in sorted(set(old) | set(new))
+            for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        ]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} in the run directory, {new!r} now"]
+
+
+def check_resume(cfg: Config) -> None:
+    """Refuse, before any work, to mix a run directory's checkpoints with another setup."""
+    run_dir = Path(cfg.run.output_dir)
+    has_ckpt = any(latest_tag(run_dir / "checkpoints" / s) for s in ("stage0", "distill"))
+    if not has_ckpt:
+        return
+    if cfg.run.resume == "never":
+        raise ConfigError(
+            [f"run.output_dir: {run_dir} already holds checkpoints; use run.resume=auto "
+             "to continue it, or another output_dir"]
+        )  # fmt: skip
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    now = cfg.to_dict()
+    problems = [p for sec in RESUME_SECTIONS for p in _diff(saved.get(sec), now[sec], f"{sec}.")]
+    problems += _diff(
+        saved["deepspeed"].get("config"), now["deepspeed"]["config"], "deepspeed.config."
+    )
+    if problems:
+        raise ConfigError(
+            [f"cannot resume {run_dir} with a different setup ({p})" for p in problems]
+            + ["use another run.output_dir (or run.resume=never in a fresh one)"]
+        )
 
 
 def run_pipeline(cfg: Config, task: TaskData, ctx: dist.DistContext) -> dict:
@@ -330,7 +423,11 @@ def run_pipeline(cfg: Config, task: TaskData, ctx: dist.DistContext) -> dict:
 
 def _run_stages(run: Run) -> dict:
     cfg, task, ctx = run.cfg, run.task, run.ctx
-    source = stage0_finetune(run) if cfg.stage0.enabled else task.model_source
+    source = task.model_source
+    if cfg.stage0.enabled:
+        done = run.run_dir / "stage0" / "model"
+        resumed = cfg.run.resume == "auto" and (done / "config.json").is_file()
+        source = str(done) if resumed else stage0_finetune(run)  # the export is atomic
     gc.collect()  # the stage-0 engine is unreachable now; free it before building the next
     d = cfg.distill
     ds_cfg = build_ds_config(cfg, d, ctx.world_size)
@@ -356,13 +453,6 @@ def _run_stages(run: Run) -> dict:
             run, evaluate(run, engine, tok, task.test, "evaluate (after)"), teachers, students
         )
         log_summary(run, "eval/after", after, engine.global_steps)
-        save_checkpoint(
-            engine,
-            run.run_dir / "checkpoints" / "distill",
-            f"step{engine.global_steps}",
-            ctx,
-            {"stage": "distill"},
-        )
         export_hf(engine, tok, run.run_dir / "final" / "model", ctx)
     return write_report(run, sel, teachers, students, before, after)
 

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
         check_batches(cfg, launcher_world_size())
+        from alsace_ds.pipeline import check_resume
+
+        check_resume(cfg)
         from alsace_ds.dist import init_distributed
 
         ctx = init_distributed(cfg.deepspeed.timeout_s)
@@ -64,9 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    from alsace_ds import signals
     from alsace_ds.pipeline import run_pipeline
 
-    run_pipeline(cfg, task, ctx)
+    signals.install()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, exit 75
+    try:
+        run_pipeline(cfg, task, ctx)
+    except signals.Preempted as stop:
+        if ctx.is_main:
+            print(f"alsace_ds: {stop}; checkpoint committed, run again to resume", flush=True)
+        return signals.EXIT_PREEMPTED
     return 0
 
 

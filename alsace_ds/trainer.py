@@ -151,17 +151,20 @@ def plan_steps(
 
 
 def micro_batches(
-    n: int, micro_batch: int, ctx: dist.DistContext, seed: int, plan: StepPlan
-) -> Iterator[tuple[int, list[int]]]:
-    """(epoch, example indices) for every micro-step of the plan, reshuffled each epoch."""
-    done = 0
-    epoch = 0
-    while done < plan.total_micro:
+    n: int, micro_batch: int, ctx: dist.DistContext, seed: int, plan: StepPlan, start: int = 0
+) -> Iterator[tuple[int, int, list[int]]]:
+    """(micro index, epoch, example indices) for every micro-step of the plan from ``start``
+    on, reshuffled each epoch; resuming at ``start`` yields exactly what an uninterrupted run
+    would have yielded from there (the order is a pure function of seed and epoch)."""
+    epoch = start // plan.micro_per_epoch
+    micro = epoch * plan.micro_per_epoch
+    while micro < plan.total_micro:
         for batch in train_batches(n, micro_batch, ctx.rank, ctx.world_size, seed + epoch):
-            if done == plan.total_micro:
+            if micro == plan.total_micro:
                 return
-            yield epoch, batch
-            done += 1
+            if micro >= start:
+                yield micro, epoch, batch
+            micro += 1
         epoch += 1
 
 
@@ -234,16 +237,53 @@ def predict_probs(
 # ----------------------------------------------------------------------------- checkpoints/export
 
 
+def _tag_step(tag: str) -> int:
+    return int(tag.removeprefix("step")) if tag.removeprefix("step").isdigit() else -1
+
+
 def save_checkpoint(
-    engine: Any, ckpt_dir: Path, tag: str, ctx: dist.DistContext, state: dict
+    engine: Any, ckpt_dir: Path, tag: str, ctx: dist.DistContext, state: dict, keep: int = 0
 ) -> None:
-    """DeepSpeed checkpoint under ``tag``; ``latest`` is replaced atomically only after every
-    rank finished writing its shards (so a crash mid-save leaves the previous one in force)."""
+    """DeepSpeed checkpoint under ``tag`` plus every rank's RNG state; ``latest`` is replaced
+    atomically only after every rank finished writing (a crash or a second signal mid-save
+    leaves the previous checkpoint in force). ``keep`` > 0 prunes all but the newest ``keep``."""
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    rng = ckpt_dir / tag / f"rng_rank{ctx.rank}.pt"
+    tmp = rng.with_suffix(".tmp")
+    torch.save(torch.get_rng_state(), tmp)
+    os.replace(tmp, rng)
     dist.barrier(ctx)
     if ctx.is_main:
         atomic_write_text(ckpt_dir / "latest", tag)
+        if keep > 0:
+            tags = sorted(
+                (p.name for p in ckpt_dir.iterdir() if p.is_dir() and _tag_step(p.name) >= 0),
+                key=_tag_step,
+            )
+            for old in tags[:-keep]:
+                if old != tag:
+                    _rmtree(ckpt_dir / old)
     dist.barrier(ctx)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The committed tag, or None (no ``latest`` yet, or it names a missing folder)."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (ckpt_dir / tag).is_dir() else None
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, ctx: dist.DistContext) -> dict:
+    """Restore module, optimizer, scheduler and this rank's RNG; returns the client state."""
+    _, client = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    rng = ckpt_dir / tag / f"rng_rank{ctx.rank}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng))
+    return client or {}
 
 
 def gathered_state_dict(engine: Any) -> dict[str, Tensor]:

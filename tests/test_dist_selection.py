@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist_helpers import REPO, child_env, free_port, launch, prebuild_shm_op, shm_files
 
+from _dist_helpers import REPO, child_env, free_port, launch, prebuild_shm_op, shm_files
 from alsace_ds.dist import (
     DistContext,
     all_gather_object,

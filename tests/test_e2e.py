@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _launch import launch, recompute_probs, run_single
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from _launch import launch, recompute_probs, run_single
 from alsace_ds.config import load_config
 from alsace_ds.selection import select_teachers
 

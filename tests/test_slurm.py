@@ -1,0 +1,210 @@
+"""Real Slurm submissions of slurm/alsace_mt5.sh on a one-node local cluster (no mocks).
+
+The module fixture starts the cluster with ``slurm/local_cluster.sh start`` (root only; apt
+installs Slurm and munge when missing) and stops it at the end only if it started it. The
+GPU script is submitted with command-line options that override its ``#SBATCH`` GPU lines
+(``--gpus-per-node=0``; ``--gres=none`` is refused by Slurm 22.05) plus ``ALSACE_CPU=1
+NPROC_PER_NODE=2``, so torchrun starts 2 CPU ranks (gloo) inside one srun task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "slurm" / "local_cluster.sh"
+SCRIPT = ROOT / "slurm" / "alsace_mt5.sh"
+# Overrides of the script's #SBATCH lines that this 2-core GPU-less machine can satisfy.
+CPU_SBATCH = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=00:10:00"]
+TINY = [
+    "model.name_or_path=embedded",
+    "model.dtype=fp32",
+    "deepspeed.config=ds_configs/zero2.json",
+    "stage0.max_steps=6",
+    "distill.max_steps=2",
+    "log.progress=false",
+]
+
+
+def _sh(*cmd: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        reason = "local Slurm cluster needs root (apt install, /etc/slurm)"
+        print(f"SKIP test_slurm: {reason}")
+        pytest.skip(reason)
+    was_up = _sh(str(CLUSTER), "status").returncode == 0
+    res = _sh(str(CLUSTER), "start", timeout=600)
+    if res.returncode == 3:  # not root / apt or Slurm cannot be installed
+        reason = f"cannot install/run Slurm: {res.stderr.strip()[-500:]}"
+        print(f"SKIP test_slurm: {reason}")
+        pytest.skip(reason)
+    assert res.returncode == 0, f"local_cluster.sh start failed:\n{res.stdout}\n{res.stderr}"
+    yield
+    if not was_up:
+        _sh(str(CLUSTER), "stop", timeout=60)
+
+
+def _submit(tmp: Path, env_extra: dict[str, str], args: list[str]) -> tuple[str, Path]:
+    env = dict(os.environ)
+    env.update(env_extra)
+    out = tmp / "slurm-%j.out"
+    cmd = ["sbatch", "--parsable", f"--output={out}", *CPU_SBATCH, str(SCRIPT), *args]
+    print("submit:", " ".join(cmd))
+    res = _sh(*cmd, cwd=ROOT, env=env)
+    assert res.returncode == 0, f"sbatch refused: {res.stderr}"
+    job = res.stdout.strip().split(";")[0]
+    return job, tmp / f"slurm-{job}.out"
+
+
+def _job_state(job: str) -> dict[str, str]:
+    res = _sh("scontrol", "show", "job", "-o", job)
+    return dict(re.findall(r"(\w+)=(\S*)", res.stdout)) if res.returncode == 0 else {}
+
+
+def _wait(job: str, out: Path, timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    info: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        info = _job_state(job)
+        if info.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}:
+            return info
+        time.sleep(1)
+    _sh("scancel", job)
+    text = out.read_text() if out.exists() else "(no output file)"
+    pytest.fail(
+        f"job {job} not done after {timeout}s (state {info.get('JobState')}):\n{text[-5000:]}"
+    )
+
+
+def _cleanup(job: str, port: str | None) -> None:
+    _sh("scancel", job)  # no-op for a finished job
+    if port:
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
+
+
+def _port(text: str) -> str | None:
+    m = re.search(r"master=\S+:(\d+)", text)
+    return m.group(1) if m else None
+
+
+def test_dry_run_wiring(cluster, tmp_path):
+    """Default run dir is named with the job id; master addr/port, torchrun args, overrides."""
+    env = {"ALSACE_DRY_RUN": "1", "ALSACE_CPU": "1", "NPROC_PER_NODE": "2"}
+    job, out = _submit(
+        tmp_path, env, ["--config", "configs/default.yaml", "a.b=1", "x.y=two words"]
+    )
+    info = _wait(job, out, 60)
+    text = out.read_text()
+    _cleanup(job, None)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    host = _sh("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()[0]
+    port = str(20000 + int(job) % 20000)
+    cmd = next(line for line in text.splitlines() if line.startswith("alsace-slurm: command:"))
+    assert f"master={host}:{port}" in text
+    assert "nproc_per_node=2" in text and "launcher=torchrun" in text
+    assert "srun --nodes=1 --ntasks-per-node=1" in cmd
+    for arg in (
+        "--nnodes 1",
+        "--nproc_per_node 2",
+        f"--master_addr {host}",
+        f"--master_port {port}",
+        "torch.distributed.run",
+    ):
+        assert arg in cmd, (arg, cmd)
+    # --config first, then the preset, then the user's overrides, then the default run dir
+    tail = shlex.split(cmd.split("alsace_ds/train.py", 1)[1])
+    assert tail[:2] == ["--config", "configs/default.yaml"]
+    assert tail.index("model.name_or_path=google/mt5-large") < tail.index("a.b=1")
+    assert "x.y=two words" in tail
+    assert tail[-1] == f"run.output_dir=runs/alsace-mt5-{job}"
+    assert "dry run, not launching" in text
+
+
+def test_real_tiny_mt5_two_ranks(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {
+        "ALSACE_CPU": "1",
+        "NPROC_PER_NODE": "2",
+        "ALSACE_CACHE": str(tmp_path / "cache"),
+    }
+    t0 = time.monotonic()
+    job, out = _submit(tmp_path, env, [*TINY, f"run.output_dir={run_dir}"])
+    try:
+        info = _wait(job, out, 300)
+        text = out.read_text() if out.exists() else ""
+    finally:
+        _cleanup(job, _port(out.read_text()) if out.exists() else None)
+    print(f"job {job}: {info.get('JobState')} in {time.monotonic() - t0:.1f}s")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-5000:]
+    assert "(ZeRO-2, 2 rank(s))" in text, text[-3000:]
+
+    report = json.loads((run_dir / "report.json").read_text())
+    sel = json.loads((run_dir / "selection.json").read_text())
+    langs = report["languages"]
+    assert len(langs) == 7 and report["english"] in langs, report["languages"]
+    assert sorted(sel["teachers"] + sel["students"]) == sorted(langs), sel
+    assert (run_dir / "final" / "model" / "config.json").is_file()
+    for when in ("before", "after"):
+        acc = report[when]["accuracy"]
+        assert set(acc) == set(langs), (when, acc)
+        assert all(0.0 <= a <= 100.0 for a in acc.values()), (when, acc)
+
+
+def _loss_curve(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("stage2/train/loss")}
+
+
+def test_preemption_requeues_resumes_and_matches(cluster, tmp_path):
+    """USR1 to the batch shell (what `--signal=B:USR1` does): every rank checkpoints, the job
+    requeues itself, resumes from the checkpoint and ends with the same losses as a job that
+    was never interrupted."""
+    env = {"ALSACE_CPU": "1", "NPROC_PER_NODE": "2", "ALSACE_CACHE": str(tmp_path / "cache")}
+    long = [*TINY, "distill.max_steps=40", "distill.epochs=10", "run.log_every=1"]
+    long += ["eval.every_epoch=false"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    job, out = _submit(tmp_path, env, [*long, f"run.output_dir={ref_dir}"])
+    try:
+        info = _wait(job, out, 300)
+    finally:
+        _cleanup(job, _port(out.read_text()) if out.exists() else None)
+    assert info["JobState"] == "COMPLETED", out.read_text()[-3000:]
+
+    job, out = _submit(tmp_path, env, [*long, f"run.output_dir={run_dir}"])
+    try:
+        deadline = time.monotonic() + 300
+        while "stage 2: self-distillation" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline, "stage 2 never started"
+            time.sleep(0.5)
+        time.sleep(1)
+        assert _sh("scancel", "--signal=USR1", "--batch", job).returncode == 0
+        info = _wait(job, out, 400)
+        text = out.read_text()
+    finally:
+        _cleanup(job, _port(out.read_text()) if out.exists() else None)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-5000:]
+    assert info.get("Restarts") == "1", info
+    assert "requeueing job" in text and "distill: resumed from checkpoint" in text, text[-5000:]
+    ref, got = _loss_curve(ref_dir), _loss_curve(run_dir)
+    assert sorted(got) == list(range(1, 41))
+    assert got == ref  # bit-identical losses, the final one included
+    assert (
+        json.loads((run_dir / "report.json").read_text())["after"]
+        == json.loads((ref_dir / "report.json").read_text())["after"]
+    )
