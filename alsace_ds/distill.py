@@ -44,6 +44,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from alsace_ds.selection import check_languages
+
 PairMode = Literal["ordered", "unordered"]
 Direction = Literal["forward", "reverse"]
 
@@ -52,10 +54,7 @@ def _language_index(
     languages: Sequence[str], teachers: Sequence[str]
 ) -> tuple[dict[str, int], set[int]]:
     """Validate and map codes to indices: (lang -> index, set of teacher indices)."""
-    langs = list(languages)
-    dup = sorted({lang for lang in langs if langs.count(lang) > 1})
-    if dup:
-        raise ValueError(f"duplicate languages: {dup}")
+    langs = check_languages(languages)
     teacher_list = list(teachers)
     if not teacher_list:
         raise ValueError("the teacher list is empty")

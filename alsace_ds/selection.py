@@ -85,7 +85,8 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
-def _check_languages(languages: Sequence[str]) -> list[str]:
+def check_languages(languages: Sequence[str]) -> list[str]:
+    """The languages as a list; ValueError if empty or duplicated (shared with distill)."""
     langs = list(languages)
     if not langs:
         raise ValueError("languages must not be empty")
@@ -268,7 +269,7 @@ def select_from_views(
     teachers are ``shat >= theta`` up to a relative tolerance of 1e-9 (see module docstring).
     Every view must be held by exactly one rank for the result to equal ``select_teachers``.
     """
-    langs = _check_languages(languages)
+    langs = check_languages(languages)
     _check_threshold(threshold)
     reduce = _identity if reduce is None else reduce
     if probs.dim() != 2 or probs.shape[1] < 1:

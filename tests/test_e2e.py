@@ -25,11 +25,6 @@ FAST = [
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("alsace_cache")
-
-
-@pytest.fixture(scope="module")
 def xlmr_run(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("run") / "xlmr"
     res = launch([f"run.output_dir={out}", *FAST], cache)

@@ -23,11 +23,6 @@ RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("alsace_cache")
-
-
 def _losses(run_dir: Path, tag: str) -> dict[int, float]:
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
