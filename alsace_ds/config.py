@@ -119,6 +119,10 @@ class DistillConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_steps: int | None = None
+    # Ranks per view group: the group shares each example and splits its language views
+    # (one forward per rank over its views, then a differentiable all-gather); 1 = every rank
+    # holds all views of its own examples. Must divide the world size.
+    view_parallel_size: int = 1
     pairs: Literal["ordered", "unordered"] = "ordered"
     direction: Literal["forward", "reverse"] = "forward"
     detach_teacher: bool = False
@@ -383,6 +387,7 @@ def validate(cfg: Config) -> list[str]:
             errors.append(f"{name}.warmup_ratio: must be in [0, 1), got {st.warmup_ratio}")
         if st.weight_decay < 0:
             errors.append(f"{name}.weight_decay: must be >= 0, got {st.weight_decay}")
+    _positive(errors, "distill.view_parallel_size", cfg.distill.view_parallel_size)
     s = cfg.selection
     if s.threshold is not None and not (0.0 < s.threshold <= 1.0):
         errors.append(f"selection.threshold: must be in (0, 1], got {s.threshold}")

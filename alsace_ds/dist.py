@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +41,25 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     timeout_s: float = 600.0
+    # View parallelism: ranks form groups of ``view_size`` consecutive ranks that work on the
+    # same examples and split their language views; data parallelism runs across groups.
+    view_size: int = 1
+    view_group: Any = None  # the torch process group of this rank's view group (None: alone)
+
+    @property
+    def view_rank(self) -> int:
+        """This rank's position inside its view group (which views it holds)."""
+        return self.rank % self.view_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's view group = its data-parallel rank."""
+        return self.rank // self.view_size
+
+    @property
+    def dp_world(self) -> int:
+        """Number of view groups = data-parallel world size."""
+        return self.world_size // self.view_size
 
     @property
     def is_main(self) -> bool:
@@ -167,3 +186,40 @@ def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def with_view_groups(ctx: DistContext, view_size: int) -> DistContext:
+    """Split the world into groups of ``view_size`` consecutive ranks.
+
+    Every rank creates every group, in the same order (``new_group`` is collective).
+    """
+    if view_size < 1 or ctx.world_size % view_size:
+        raise ValueError(
+            f"view_parallel_size {view_size} must divide the world size {ctx.world_size}"
+        )
+    if view_size == 1:
+        return replace(ctx, view_size=1, view_group=None)
+    mine = None
+    for start in range(0, ctx.world_size, view_size):
+        group = dist.new_group(
+            list(range(start, start + view_size)), timeout=timedelta(seconds=ctx.timeout_s)
+        )
+        if start <= ctx.rank < start + view_size:
+            mine = group
+    return replace(ctx, view_size=view_size, view_group=mine)
+
+
+def gather_views(local: Tensor, ctx: DistContext) -> Tensor:
+    """Differentiable all-gather of the view group's label distributions.
+
+    ``local`` ``[B, T_local, C]`` -> ``[B, view_size * T_local, C]`` in member order, so slot
+    ``j`` is member ``j // T_local``'s ``j % T_local``-th view. Backward sums the gradients
+    of every member's copy into the owner's shard (reduce-scatter), so each view's gradient
+    reaches the rank that ran its forward.
+    """
+    if ctx.view_size == 1:
+        return local
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(local.contiguous(), group=ctx.view_group)  # view_size x [B, T_local, C]
+    return torch.cat(parts, dim=1)

@@ -90,7 +90,16 @@ def stage_values(cfg: Config, stage: Stage0Config | DistillConfig, dp_world: int
 def build_ds_config(
     cfg: Config, stage: Stage0Config | DistillConfig, dp_world: int
 ) -> dict[str, Any]:
-    """The filled DeepSpeed config for one training stage on ``dp_world`` data-parallel ranks."""
+    """The filled DeepSpeed config for one training stage on ``dp_world`` data-parallel ranks.
+
+    DeepSpeed counts every rank as data parallel, so ``dp_world`` is the whole world even
+    under view parallelism (where a view group of V ranks shares each micro-batch of
+    examples and DeepSpeed's gradient average over all ranks equals the mean over groups)."""
+    vp = getattr(stage, "view_parallel_size", 1)
+    if dp_world % vp:
+        raise ConfigError(
+            [f"distill.view_parallel_size: {vp} does not divide the world size {dp_world}"]
+        )
     source = str(cfg.deepspeed.config)
     template = load_template(source)
     if cfg.deepspeed.zero_stage is not None:

@@ -194,7 +194,9 @@ def train_loop(
     bar.update(start)
     losses: list[torch.Tensor] = []
     last_epoch = (start - 1) // plan.micro_per_epoch if start else 0
-    for micro, epoch, batch in micro_batches(n, st.micro_batch, run.ctx, seed, plan, start):
+    ctx = run.ctx  # data parallel across view groups (a group shares its examples)
+    batches = micro_batches(n, st.micro_batch, ctx.dp_rank, ctx.dp_world, seed, plan, start)
+    for micro, epoch, batch in batches:
         if epoch != last_epoch:
             dev_check(run, engine, tok, stage, engine.global_steps, roles)
             last_epoch = epoch
@@ -319,18 +321,31 @@ def stage1_select(run: Run, engine: Any, tok: Any) -> tuple[Selection, list[str]
 # ----------------------------------------------------------------------------- stage 2
 
 
+def local_languages(languages: list[str], ctx: dist.DistContext) -> list[str]:
+    """The language slots this rank runs: ``ceil(T / V)`` per member of the view group, the
+    slots past T padded with a copy of the first language (same forward count on every rank;
+    the padded outputs are cut off after the gather, so they get no loss and no gradient)."""
+    per = -(-len(languages) // ctx.view_size)
+    slots = range(ctx.view_rank * per, (ctx.view_rank + 1) * per)
+    return [languages[j] if j < len(languages) else languages[0] for j in slots]
+
+
 def distill_step(
     run: Run, engine: Any, tok: Any, batch: list[int], teachers: list[str]
 ) -> torch.Tensor:
-    """One micro-step: ONE forward over the B x T views, KL over all (any, teacher) pairs."""
+    """One micro-step: ONE forward over this rank's B x T_local views, the view group's
+    distributions gathered (differentiably) to ``[B, T, C]``, KL over all (any, teacher) pairs.
+    Every member computes the same group loss; the gather's backward sums the members'
+    gradients into each view's owner, and DeepSpeed's average over all ranks then equals the
+    mean over view groups (= the one-rank result when there is one group)."""
     d = run.cfg.distill
     langs = run.task.languages
+    mine = local_languages(langs, run.ctx)
     examples = run.task.unlabeled.examples
-    views = [examples[i].views[lang] for i in batch for lang in langs]
-    logits = forward_views(engine, tok, views, run.cfg.model.max_length, run.ctx.device)  # [B*T, C]
-    log_probs = torch.log_softmax(logits.float(), dim=-1).view(
-        len(batch), len(langs), -1
-    )  # [B, T, C]
+    views = [examples[i].views[lang] for i in batch for lang in mine]
+    logits = forward_views(engine, tok, views, run.cfg.model.max_length, run.ctx.device)
+    local = torch.log_softmax(logits.float(), dim=-1).view(len(batch), len(mine), -1)
+    log_probs = dist.gather_views(local, run.ctx)[:, : len(langs)]  # [B, T, C]
     loss = pair_kl_loss(
         log_probs, langs, teachers,
         pairs=d.pairs, direction=d.direction, detach_teacher=d.detach_teacher,
@@ -346,7 +361,7 @@ def stage2_distill(
     cfg, ctx = run.cfg, run.ctx
     d = cfg.distill
     n = len(run.task.unlabeled)
-    plan = plan_steps(n, d.micro_batch, ctx.world_size, d.epochs, d.grad_accum, d.max_steps)
+    plan = plan_steps(n, d.micro_batch, ctx.dp_world, d.epochs, d.grad_accum, d.max_steps)
     run.say(
         f"stage 2: self-distillation on {n} parallel examples x {len(run.task.languages)} "
         f"languages, {plan.total_optimizer_steps} optimizer steps, lr {d.lr:g}"
@@ -430,13 +445,14 @@ def _run_stages(run: Run) -> dict:
         source = str(done) if resumed else stage0_finetune(run)  # the export is atomic
     gc.collect()  # the stage-0 engine is unreachable now; free it before building the next
     d = cfg.distill
+    run.ctx = ctx = dist.with_view_groups(ctx, d.view_parallel_size)
     ds_cfg = build_ds_config(cfg, d, ctx.world_size)
     scorer, tok, _ = load_for_stage(
         cfg.model.family, source, task.num_labels, task.label_words,
         cfg.model.dropout, cfg.model.dtype, ds_cfg,
     )  # fmt: skip
     plan = plan_steps(
-        len(task.unlabeled), d.micro_batch, ctx.world_size, d.epochs, d.grad_accum, d.max_steps
+        len(task.unlabeled), d.micro_batch, ctx.dp_world, d.epochs, d.grad_accum, d.max_steps
     )
     total = plan.total_optimizer_steps
     engine = build_engine(scorer, ds_cfg, d.lr, d.weight_decay, total, int(d.warmup_ratio * total))

@@ -151,7 +151,7 @@ def plan_steps(
 
 
 def micro_batches(
-    n: int, micro_batch: int, ctx: dist.DistContext, seed: int, plan: StepPlan, start: int = 0
+    n: int, micro_batch: int, rank: int, world: int, seed: int, plan: StepPlan, start: int = 0
 ) -> Iterator[tuple[int, int, list[int]]]:
     """(micro index, epoch, example indices) for every micro-step of the plan from ``start``
     on, reshuffled each epoch; resuming at ``start`` yields exactly what an uninterrupted run
@@ -159,7 +159,7 @@ def micro_batches(
     epoch = start // plan.micro_per_epoch
     micro = epoch * plan.micro_per_epoch
     while micro < plan.total_micro:
-        for batch in train_batches(n, micro_batch, ctx.rank, ctx.world_size, seed + epoch):
+        for batch in train_batches(n, micro_batch, rank, world, seed + epoch):
             if micro == plan.total_micro:
                 return
             if micro >= start:
