@@ -61,7 +61,13 @@ def load_for_stage(
     dtype: str,
     ds_config: dict[str, Any],
 ) -> tuple[LabelScorer, Any, list[str]]:
-    with zero3_init(ds_config):
+    # mT5 checkpoints keep lm_head separate from the shared embedding. transformers 5 decides
+    # whether to untie them by comparing the two loaded tensors, and under zero.Init those are
+    # empty partitions that compare equal, so the head would silently be TIED to the embedding
+    # (a different model). mT5 is therefore loaded whole and partitioned by deepspeed.initialize
+    # instead (costs one full CPU copy per rank while loading).
+    init = zero3_init(ds_config) if family != "mt5" else contextlib.nullcontext()
+    with init:
         return load_scorer(
             family,
             source,

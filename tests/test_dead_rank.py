@@ -1,0 +1,174 @@
+"""A rank killed with SIGKILL in the middle of self-distillation makes the job FAIL (non-zero
+exit, a message naming the dead process) within a bounded time instead of hanging on a
+collective; nothing is left running, no /dev/shm buffer is left behind, and the run directory
+holds no half-written outputs.
+
+Both launchers: ``deepspeed`` (its per-node ``launch.py`` watches the ranks) and ``torchrun``
+(the elastic agent watches them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _launch import ROOT, TRAIN, child_env, free_port
+
+KILL_TO_EXIT_S = 90  # bound on: SIGKILL of rank 1 -> launcher exited
+START_TIMEOUT_S = 420  # launcher start -> "stage 2: self-distillation" (loaded 2-core CI box)
+
+OVERRIDES = [
+    "model.family=xlmr",
+    "deepspeed.config=ds_configs/zero2.json",
+    "stage0.max_steps=3",
+    "distill.max_steps=400",
+    "distill.epochs=50",
+    "deepspeed.timeout_s=30",
+    "log.progress=false",
+    "eval.every_epoch=false",
+]
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains ``text``."""
+    me = os.getpid()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def _rank_pid(run_dir: Path, launcher: str, local_rank: int) -> int:
+    if launcher == "deepspeed":  # deepspeed passes --local_rank=N before the overrides
+        res = subprocess.run(
+            ["pgrep", "-f", f"local_rank={local_rank} run.output_dir={run_dir}"],
+            capture_output=True,
+            text=True,
+        )
+        pids = [int(p) for p in res.stdout.split()]
+    else:  # torchrun passes LOCAL_RANK in the environment only
+        pids = []
+        for pid in _pids_mentioning(f"train.py run.output_dir={run_dir}"):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"LOCAL_RANK={local_rank}".encode() in env:
+                pids.append(pid)
+    assert len(pids) == 1, (launcher, pids)
+    return pids[0]
+
+
+def _shm_buffers(port: int) -> list[Path]:
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{text!r} not seen (launcher rc={proc.poll()}):\n{log.read_text()[-5000:]}"
+    )
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_sigkilled_rank_fails_the_job_without_hanging(launcher, tmp_path, cache):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "launcher.log"
+    port = free_port()
+    if launcher == "deepspeed":
+        head = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
+        head += ["--master_port", str(port)]
+    else:
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        head += ["--master_port", str(port)]
+    cmd = [*head, str(TRAIN), f"run.output_dir={run_dir}", *OVERRIDES]
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=child_env(cache),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_for(log, "stage 2: self-distillation", proc, START_TIMEOUT_S)
+        time.sleep(3)  # into the distillation steps (forward/backward/all-reduce)
+        victim = _rank_pid(run_dir, launcher, 1)
+        assert proc.poll() is None, "the job ended before the kill"
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            rc = proc.wait(timeout=KILL_TO_EXIT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{launcher}: job still running {KILL_TO_EXIT_S}s after rank 1 was "
+                f"SIGKILLed (hang):\n{log.read_text(errors='replace')[-5000:]}"
+            ) from None
+        took = time.monotonic() - killed_at
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of ours may outlive the test
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        # DeepSpeed's CPU all-reduce buffers of this job (killed ranks never unlink theirs)
+        for f in _shm_buffers(port):
+            f.unlink(missing_ok=True)
+    text = log.read_text(errors="replace")
+    print(f"{launcher}: rank 1 (pid {victim}) SIGKILLed; launcher rc={rc} after {took:.1f}s")
+    assert rc != 0, text[-5000:]
+    # the launcher names the dead process and its signal
+    if launcher == "deepspeed":
+        # launch.py's sigkill_handler: "[ERROR] ... ['.../python3', '-u', '.../train.py',
+        # '--local_rank=1', ...] exits with return code = -9"; the launcher exits 256-9 = 247
+        failed = [ln for ln in text.splitlines() if "exits with return code = -9" in ln]
+        assert failed and "'--local_rank=1'" in failed[0], text[-5000:]
+        assert rc == 247, rc
+    else:
+        assert "ChildFailedError" in text and "Signal 9 (SIGKILL)" in text, text[-5000:]
+        # the elastic agent's summary: "Root Cause (first observed failure): ... rank 1
+        # (local_rank: 1) exitcode : -9 (pid: N) (SIGKILL)"; torchrun exits 1
+        root = text[text.index("Root Cause (first observed failure)") :]
+        assert "local_rank: 1" in root and f"exitcode  : -9 (pid: {victim})" in root, root
+        assert rc == 1, rc
+    assert "exits successfully" not in text
+
+    # nothing left running: neither the ranks nor the launcher (give the kernel a moment)
+    end = time.monotonic() + 10
+    while _pids_mentioning(str(run_dir)) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert _pids_mentioning(str(run_dir)) == []
+
+    assert _shm_buffers(port) == []
+
+    # no half-written outputs: a committed checkpoint only, no report
+    latest = run_dir / "checkpoints" / "distill" / "latest"
+    if latest.exists():
+        assert (latest.parent / latest.read_text().strip()).is_dir()
+    assert not (run_dir / "report.json").exists() and not (run_dir / "report.md").exists()
+    assert not (run_dir / "final" / "model").exists()
+    # stage 0 finished before the kill: its checkpoint and export are complete
+    tag = (run_dir / "checkpoints" / "stage0" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / "stage0" / tag).is_dir()
+    assert (run_dir / "stage0" / "model" / "config.json").is_file()
