@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def launcher_world_size() -> int:
     """The world size the launcher announced (deepspeed/torchrun: WORLD_SIZE; mpirun: its own
     variables), read here so that batch arithmetic fails before any process group exists."""
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    # Last: the tasks of an srun step (e.g. `srun --mpi=pmix` starting one task per GPU).
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 1
@@ -56,13 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         from alsace_ds.tasks import prepare_task
 
         cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
-        check_batches(cfg, launcher_world_size())
+        expected = launcher_world_size()
+        check_batches(cfg, expected)
         from alsace_ds.pipeline import check_resume
 
         check_resume(cfg)
         from alsace_ds.dist import init_distributed
 
         ctx = init_distributed(cfg.deepspeed.timeout_s)
+        if ctx.world_size != expected:
+            # e.g. an MPI whose PMI does not match Slurm's: every task would become its own
+            # world of 1 and all of them would write the same run directory.
+            raise ConfigError(
+                [f"the launcher started {expected} processes but they formed a world of "
+                 f"{ctx.world_size}: rank discovery failed (for srun --mpi, the MPI library "
+                 "must support Slurm's PMI plugin; torchrun or mpirun avoid it)"],
+                "launch",
+            )  # fmt: skip
         check_batches(cfg, ctx.world_size)  # the real world, e.g. after MPI discovery
     except (ConfigError, DataError) as exc:
         print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
