@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from _dist_helpers import free_port
 from alsace_ds.data import load_parallel_jsonl
 from alsace_ds.models import encode_views, load_scorer
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "alsace_ds" / "train.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(cache: Path) -> dict[str, str]:
