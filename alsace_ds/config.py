@@ -22,6 +22,10 @@ import yaml
 
 FAMILIES = ("xlmr", "mt5")
 EMBEDDED = "embedded"
+HUB_TASKS = ("xnli", "pawsx", "xcopa")  # loaded by name with `datasets` (alsace_ds.hub_tasks)
+TASK_NAMES = (EMBEDDED, "jsonl", *HUB_TASKS)
+# The heads each family offers; the first is its default (model.head: null).
+HEADS = {"xlmr": ("classification", "cloze"), "mt5": ("label_words",)}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -60,27 +64,62 @@ class RunConfig:
 @dataclass
 class TaskConfig:
     # "embedded": the synthetic parallel task built locally (alsace_ds.embedded);
-    # "jsonl": your own files in the documented JSONL format (alsace_ds.data).
+    # "jsonl": your own files in the documented JSONL format (alsace_ds.data);
+    # "xnli" | "pawsx" | "xcopa": loaded by name with `datasets` (alsace_ds.hub_tasks).
     name: str = EMBEDDED
-    languages: list[str] = field(default_factory=list)  # empty = the embedded task's languages
-    english: str = "en"
-    labels: list[str] = field(default_factory=list)  # empty = the embedded task's labels
+    languages: list[str] = field(default_factory=list)  # empty = all the task's languages
+    # The reference language of the transfer gap and of stage 0; null = none (XCOPA has no
+    # English view: accuracies only, as in the paper's Table 9).
+    english: str | None = "en"
+    labels: list[str] = field(default_factory=list)  # empty = the task's own label names
+    # jsonl: one file per role.
     train_file: str | None = None  # English, labeled (stage 0)
     unlabeled_file: str | None = None  # parallel, labels ignored (stages 1-2)
     dev_file: str | None = None  # parallel, labeled (monitoring during training)
     test_file: str | None = None  # parallel, labeled (before/after report)
+    # Hub tasks: the dataset (Hub id, or a local folder with the same layout; null = the
+    # task's Hub id) and one split per role; "validation[:500]" style slices are applied
+    # after the views are joined. null = the task's default (see alsace_ds.tasks).
+    source: str | None = None
+    train_source: str | None = None  # XCOPA's English training set (COPA); null = aps/super_glue
+    train_split: str | None = None
+    unlabeled_split: str | None = None
+    dev_split: str | None = None
+    test_split: str | None = None
     max_unlabeled: int | None = 500  # the paper uses the first 500 parallel examples
     k_shot: int | None = None  # limited-resource stage 0: k English training examples
+    # The unlabeled corpus must not share examples with the test/dev sets (compared by the
+    # text of their views); true runs anyway and says so in the report.
+    allow_overlap: bool = False
 
 
 @dataclass
 class ModelConfig:
-    family: str = "xlmr"  # "xlmr" (classification head) | "mt5" (label words, 1st decoder step)
+    family: str = "xlmr"  # "xlmr" | "mt5"
     name_or_path: str = EMBEDDED  # a local folder, a Hub name, or "embedded"
-    label_words: list[str] | None = None  # mT5: one word per label (default: the label names)
+    # xlmr: "classification" (sequence-classification head, default) | "cloze" (a template
+    # with the mask token, read at one verbalizer word per label); mt5: "label_words"
+    # (scored at the first decoder step). null = the family's default.
+    head: str | None = None
+    # Templates and verbalizers (alsace_ds/prompts/<task>.yaml by default): a YAML file in
+    # the same format to use your own. Used by cloze / label_words on Hub tasks.
+    prompts_file: str | None = None
+    # jsonl/embedded tasks: one word per label shared by all languages (default: label names)
+    label_words: list[str] | None = None
     max_length: int = 128
     dropout: float | None = None  # None keeps the checkpoint's value
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    # "auto": bf16 for mT5 (fp16 overflows in mT5), fp32 for XLM-R. Softmax / KL are fp32.
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @property
+    def resolved_head(self) -> str:
+        return self.head or HEADS.get(self.family, ("classification",))[0]
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if self.family == "mt5" else "fp32"
 
 
 @dataclass
@@ -93,9 +132,18 @@ class Stage0Config:
     lr: float = 2e-5
     micro_batch: int = 16  # examples per rank per micro-step
     grad_accum: int = 1
+    # Examples per optimizer step over all ranks: sets grad_accum = global_batch /
+    # (micro_batch x data-parallel ranks) at launch (must divide). Presets use it, so that
+    # the paper's batch holds on any number of GPUs.
+    global_batch: int | None = None
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_steps: int | None = None
+    # Evaluate on the dev set after every epoch (eval.every_epoch) and keep the best model by
+    # English dev accuracy ("english", the zero-shot protocol: no target-language labels) or
+    # by the average over languages ("average"); stage 2 starts from it. false = last epoch.
+    keep_best: bool = True
+    best_metric: Literal["english", "average"] = "english"
 
 
 @dataclass
@@ -116,6 +164,7 @@ class DistillConfig:
     lr: float = 3e-8  # the paper's value for large models
     micro_batch: int = 8  # examples per rank per micro-step; each brings all its language views
     grad_accum: int = 1
+    global_batch: int | None = None  # examples per optimizer step (as in stage0)
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_steps: int | None = None
@@ -345,8 +394,20 @@ def validate(cfg: Config) -> list[str]:
     """Semantic checks that need several fields; returns every problem found."""
     errors: list[str] = []
     t, m = cfg.task, cfg.model
-    if t.name not in (EMBEDDED, "jsonl"):
-        errors.append(f"task.name: {t.name!r} is not one of ['embedded', 'jsonl']")
+    if t.name not in TASK_NAMES:
+        errors.append(f"task.name: {t.name!r} is not one of {list(TASK_NAMES)}")
+    if t.name in HUB_TASKS and m.name_or_path == EMBEDDED:
+        errors.append("model.name_or_path: 'embedded' only goes with task.name 'embedded'")
+    if t.name not in HUB_TASKS:
+        for key in ("source", "train_source", "train_split", "unlabeled_split", "dev_split",
+                    "test_split"):  # fmt: skip
+            if getattr(t, key) is not None:
+                errors.append(f"task.{key}: only used by the Hub tasks {list(HUB_TASKS)}")
+    if m.family in HEADS and m.head is not None and m.head not in HEADS[m.family]:
+        errors.append(
+            f"model.head: {m.head!r} is not a head of family {m.family!r} "
+            f"(valid: {list(HEADS[m.family])})"
+        )
     if t.name == "jsonl":
         for key in ("train_file", "unlabeled_file", "test_file"):
             if getattr(t, key) is None and not (key == "train_file" and not cfg.stage0.enabled):
@@ -359,7 +420,11 @@ def validate(cfg: Config) -> list[str]:
             errors.append("model.name_or_path: 'embedded' only goes with task.name 'embedded'")
     if len(set(t.languages)) != len(t.languages):
         errors.append(f"task.languages: duplicate codes in {t.languages}")
-    if t.languages and t.english not in t.languages:
+    hub = t.name in HUB_TASKS
+    if t.english is None and not hub:
+        errors.append("task.english: null is only for Hub tasks without an English view (xcopa)")
+    # (Hub tasks: checked once their defaults are known; XCOPA's default reference is none.)
+    if t.languages and t.english is not None and t.english not in t.languages and not hub:
         errors.append(f"task.english: {t.english!r} is not in task.languages {t.languages}")
     if len(set(t.labels)) != len(t.labels):
         errors.append(f"task.labels: duplicate labels in {t.labels}")
@@ -367,8 +432,8 @@ def validate(cfg: Config) -> list[str]:
     _positive(errors, "task.k_shot", t.k_shot, allow_none=True)
     if m.family not in FAMILIES:
         errors.append(f"model.family: {m.family!r} is not one of {list(FAMILIES)}")
-    if m.family == "xlmr" and m.label_words:
-        errors.append("model.label_words: only used by family 'mt5'")
+    if m.resolved_head == "classification" and m.label_words:
+        errors.append("model.label_words: not used by the classification head")
     if m.label_words is not None and t.labels and len(m.label_words) != len(t.labels):
         errors.append(
             f"model.label_words: {len(m.label_words)} words for {len(t.labels)} labels {t.labels}"
@@ -383,6 +448,9 @@ def validate(cfg: Config) -> list[str]:
         _positive(errors, f"{name}.micro_batch", st.micro_batch)
         _positive(errors, f"{name}.grad_accum", st.grad_accum)
         _positive(errors, f"{name}.max_steps", st.max_steps, allow_none=True)
+        _positive(errors, f"{name}.global_batch", st.global_batch, allow_none=True)
+        if st.global_batch is not None and st.grad_accum != 1:
+            errors.append(f"{name}: set global_batch or grad_accum, not both")
         if not 0.0 <= st.warmup_ratio < 1.0:
             errors.append(f"{name}.warmup_ratio: must be in [0, 1), got {st.warmup_ratio}")
         if st.weight_decay < 0:
@@ -416,3 +484,50 @@ def validate(cfg: Config) -> list[str]:
             "when the model is the embedded random-init one"
         )
     return errors
+
+
+def with_world(cfg: Config, world: int) -> Config:
+    """Resolve ``global_batch`` into ``grad_accum`` for a launch of ``world`` ranks (the
+    distillation's examples are shared by each view group, so its data-parallel ranks are
+    ``world / view_parallel_size``). Raises ConfigError when it does not divide."""
+    problems: list[str] = []
+    new = {}
+    for name in ("stage0", "distill"):
+        st = getattr(cfg, name)
+        if st.global_batch is None:
+            continue
+        vp = getattr(st, "view_parallel_size", 1)
+        dp = max(world // vp, 1)
+        per_step = st.micro_batch * dp
+        if st.global_batch % per_step:
+            problems.append(
+                f"{name}.global_batch: {st.global_batch} is not a multiple of micro_batch "
+                f"{st.micro_batch} x {dp} data-parallel rank(s); change {name}.micro_batch"
+            )
+            continue
+        accum = st.global_batch // per_step
+        new[name] = dataclasses.replace(st, grad_accum=accum, global_batch=None)
+    if problems:
+        raise ConfigError(problems, "batch sizes")
+    return dataclasses.replace(cfg, **new)
+
+
+PRESETS_DIR = REPO_ROOT / "configs" / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a preset in ``configs/presets`` (``xnli-xlmr-large``)."""
+    p = resolve_path(name_or_path)
+    if p.exists() or name_or_path.endswith((".yaml", ".yml")):
+        return p
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(
+        [f"--config {name_or_path!r}: no such file and no such preset "
+         f"(presets: {', '.join(preset_names())})"]
+    )  # fmt: skip

@@ -82,7 +82,7 @@ def stage_values(cfg: Config, stage: Stage0Config | DistillConfig, dp_world: int
         "gradient_accumulation_steps": stage.grad_accum,
         "train_batch_size": stage.micro_batch * stage.grad_accum * dp_world,
         "gradient_clipping": ds.gradient_clipping,
-        "bf16.enabled": cfg.model.dtype == "bf16",
+        "bf16.enabled": cfg.model.resolved_dtype == "bf16",
         "zero_optimization.stage3_param_persistence_threshold": ds.param_persistence_threshold,
     }
 

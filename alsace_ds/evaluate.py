@@ -49,20 +49,21 @@ def summarize(
     languages: list[str],
     correct: Tensor,
     count: Tensor,
-    english: str,
+    english: str | None,
     teachers: list[str],
     students: list[str],
     pred_hist: Tensor | None = None,
 ) -> dict:
-    """Accuracy (%), gap to English and averages over all / teachers / students."""
+    """Accuracy (%), gap to English and averages over all / teachers / students.
+    ``english=None`` (a task without an English view, e.g. XCOPA): gaps are None."""
     acc = {lang: 100.0 * float(correct[i] / count[i]) for i, lang in enumerate(languages)}
-    gap = {lang: acc[english] - acc[lang] for lang in languages}
+    gap = {lang: None if english is None else acc[english] - acc[lang] for lang in languages}
     out: dict = {"accuracy": acc, "gap": gap, "num_examples": int(count.max().item())}
     groups = {"all": languages, "teachers": teachers, "students": students}
     out["averages"] = {
         name: {
             "accuracy": _mean([acc[x] for x in members]),
-            "gap": _mean([gap[x] for x in members if x != english]),
+            "gap": None if english is None else _mean([gap[x] for x in members if x != english]),
             "languages": list(members),
         }
         for name, members in groups.items()

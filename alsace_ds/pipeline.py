@@ -25,6 +25,7 @@ from alsace_ds.distill import pair_kl_loss
 from alsace_ds.ds_config import build_ds_config
 from alsace_ds.evaluate import accuracy_counts, markdown_table, summarize
 from alsace_ds.io import atomic_write_json, atomic_write_text
+from alsace_ds.report import states_of, table2, table3, to_csv, to_markdown
 from alsace_ds.selection import Selection, select_from_views
 from alsace_ds.shm_cleanup import unlink_own_buffer
 from alsace_ds.tasks import TaskData
@@ -75,19 +76,30 @@ def evaluate(run: Run, engine: Any, tokenizer: Any, corpus: ParallelCorpus, desc
     """Reduced per-language sums (correct, count, prediction histogram) over all ranks."""
     langs = run.task.languages
     T = len(langs)
+    views = parallel_views(corpus, langs)
     idx, probs = predict_probs(
         engine,
         tokenizer,
-        parallel_views(corpus, langs),
+        views,
         run.ctx,
         run.cfg.eval.batch_size,
         run.cfg.model.max_length,
         desc,
         run.cfg.log.progress,
+        view_langs(run, len(views)),
     )
     labels = corpus.labels()[idx // T]
     stats = accuracy_counts(probs.argmax(-1), labels, idx % T, T, run.task.num_labels)
     return {k: dist.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
+
+
+def view_langs(run: Run, num_views: int) -> list[int] | None:
+    """Label-word table row of each example-major view (languages come first in
+    ``prompt_languages``, so view v's row is ``v % T``); None for the classification head."""
+    if run.task.label_words is None:
+        return None
+    T = len(run.task.languages)
+    return [v % T for v in range(num_views)]
 
 
 def summary(run: Run, stats: dict, teachers: list[str], students: list[str]) -> dict:
@@ -104,12 +116,14 @@ def summary(run: Run, stats: dict, teachers: list[str], students: list[str]) -> 
 
 def log_summary(run: Run, prefix: str, summ: dict, step: int) -> None:
     run.tb.scalars(f"{prefix}/accuracy", summ["accuracy"], step)
-    run.tb.scalars(
-        f"{prefix}/gap", {k: v for k, v in summ["gap"].items() if k != run.task.english}, step
-    )
+    gaps = {k: v for k, v in summ["gap"].items() if k != run.task.english and v is not None}
+    if gaps:
+        run.tb.scalars(f"{prefix}/gap", gaps, step)
     for group, avg in summ["averages"].items():
-        run.tb.scalar(f"{prefix}/avg_accuracy/{group}", avg["accuracy"], step)
-        run.tb.scalar(f"{prefix}/avg_gap/{group}", avg["gap"], step)
+        if avg["accuracy"] is not None:
+            run.tb.scalar(f"{prefix}/avg_accuracy/{group}", avg["accuracy"], step)
+        if avg["gap"] is not None:
+            run.tb.scalar(f"{prefix}/avg_gap/{group}", avg["gap"], step)
 
 
 def dev_check(run: Run, engine: Any, tok: Any, stage: str, step: int, roles=None) -> dict | None:
@@ -122,10 +136,10 @@ def dev_check(run: Run, engine: Any, tok: Any, stage: str, step: int, roles=None
     summ = summary(run, stats, teachers, students)
     log_summary(run, f"{stage}/dev", summ, step)
     avg = summ["averages"]["all"]
-    run.say(
-        f"{stage} step {step}: dev acc {run.task.english}={summ['accuracy'][run.task.english]:.2f} "
-        f"avg={avg['accuracy']:.2f} avg gap={avg['gap'] if avg['gap'] is not None else 0:.2f}"
-    )
+    en = run.task.english
+    head = f"{en}={summ['accuracy'][en]:.2f} " if en else ""
+    gap = f" avg gap={avg['gap']:.2f}" if avg["gap"] is not None else ""
+    run.say(f"{stage} step {step}: dev acc {head}avg={avg['accuracy']:.2f}{gap}")
     return summ
 
 
@@ -137,10 +151,7 @@ def stage0_finetune(run: Run) -> str:
     cfg, task, ctx = run.cfg, run.task, run.ctx
     st = cfg.stage0
     ds_cfg = build_ds_config(cfg, st, ctx.world_size)
-    scorer, tok, warnings = load_for_stage(
-        cfg.model.family, task.model_source, task.num_labels, task.label_words,
-        cfg.model.dropout, cfg.model.dtype, ds_cfg,
-    )  # fmt: skip
+    scorer, tok, warnings = load_scorer_for(run, task.model_source, ds_cfg)
     for w in warnings:
         run.say(f"warning: {w}")
     train = task.train
@@ -156,21 +167,86 @@ def stage0_finetune(run: Run) -> str:
         f"(ZeRO-{ds_cfg['zero_optimization']['stage']}, {ctx.world_size} rank(s))"
     )
     labels = train.labels()
+    lang = task.train_language
 
     def step(batch: list[int]) -> torch.Tensor:
-        views = [train.examples[i].views[task.english] for i in batch]
+        views = [train.examples[i].views[lang] for i in batch]
+        langs = None if task.label_words is None else [task.lang_id(lang)] * len(batch)
         return cross_entropy_step(
-            engine, tok, views, labels[batch], cfg.model.max_length, ctx.device
+            engine, tok, views, labels[batch], cfg.model.max_length, ctx.device, langs
         )
 
+    best = BestKeeper.for_stage0(run)
     point = resume_point(run, "stage0", engine)
     if not point["complete"]:
         seed = cfg.run.seed
-        train_loop(run, "stage0", engine, tok, plan, len(train), st, seed, step, point["micro"])
+        train_loop(
+            run, "stage0", engine, tok, plan, len(train), st, seed, step, point["micro"],
+            on_dev=best.update if best else None,
+        )  # fmt: skip
         save_stage(run, "stage0", engine, plan.total_micro, complete=True)
     out = export_hf(engine, tok, run.run_dir / "stage0" / "model", ctx)
     run.say(f"stage 0 done: model exported to {out}")
-    return str(out)
+    return stage0_source(run)
+
+
+def load_scorer_for(run: Run, source: str, ds_cfg: dict) -> tuple[Any, Any, list[str]]:
+    cfg, task = run.cfg, run.task
+    return load_for_stage(
+        cfg.model.family, source, task.num_labels, task.label_words, cfg.model.dropout,
+        cfg.model.resolved_dtype, ds_cfg, head=task.head, languages=task.prompt_languages,
+    )  # fmt: skip
+
+
+def stage0_source(run: Run) -> str:
+    """The stage-0 model that stage 2 starts from: the best by dev accuracy when one was
+    kept (``stage0.keep_best``), else the last."""
+    best = run.run_dir / "stage0" / "best"
+    if run.cfg.stage0.keep_best and (best / "config.json").is_file():
+        return str(best)
+    return str(run.run_dir / "stage0" / "model")
+
+
+@dataclass
+class BestKeeper:
+    """Keeps the model with the best dev metric seen so far as a Hugging Face folder (atomic
+    export) plus ``best.json``; the decision uses all-reduced accuracies, so every rank agrees
+    and joins the (collective, under ZeRO-3) export."""
+
+    run: Run
+    folder: Path
+    metric: str  # "english" | "average"
+    best: float | None = None
+
+    @classmethod
+    def for_stage0(cls, run: Run) -> BestKeeper | None:
+        st = run.cfg.stage0
+        if not st.keep_best or run.task.dev is None or not run.cfg.eval.every_epoch:
+            return None
+        metric = st.best_metric if run.task.english is not None else "average"
+        keeper = cls(run, run.run_dir / "stage0" / "best", metric)
+        info = keeper.folder.parent / "best.json"
+        if run.cfg.run.resume == "auto" and info.is_file():  # a resumed stage keeps its best
+            keeper.best = float(yaml.safe_load(info.read_text())["value"])
+        return keeper
+
+    def value(self, summ: dict) -> float:
+        if self.metric == "english":
+            return float(summ["accuracy"][self.run.task.english])
+        return float(summ["averages"]["all"]["accuracy"])
+
+    def update(self, engine: Any, tok: Any, summ: dict, step: int) -> None:
+        value = self.value(summ)
+        if self.best is not None and value <= self.best:
+            return
+        self.best = value
+        export_hf(engine, tok, self.folder, self.run.ctx)
+        if self.run.ctx.is_main:
+            atomic_write_json(
+                self.folder.parent / "best.json",
+                {"metric": self.metric, "value": value, "step": step, "dev": summ["accuracy"]},
+            )
+        self.run.say(f"new best {self.metric} dev accuracy {value:.2f} at step {step}")
 
 
 def train_loop(
@@ -185,6 +261,7 @@ def train_loop(
     step: Callable[[list[int]], torch.Tensor],
     start: int = 0,
     roles: tuple[list[str], list[str]] | None = None,
+    on_dev: Callable[[Any, Any, dict, int], None] | None = None,
 ) -> None:
     """The micro-step loop shared by both training stages: ``step(batch) -> loss`` does the
     forward/backward/step; dev curves at epoch ends, mean loss every ``run.log_every`` steps,
@@ -198,7 +275,7 @@ def train_loop(
     batches = micro_batches(n, st.micro_batch, ctx.dp_rank, ctx.dp_world, seed, plan, start)
     for micro, epoch, batch in batches:
         if epoch != last_epoch:
-            dev_check(run, engine, tok, stage, engine.global_steps, roles)
+            after_dev(run, engine, tok, stage, roles, on_dev)
             last_epoch = epoch
         losses.append(step(batch))
         bar.update(1)
@@ -209,7 +286,15 @@ def train_loop(
     if losses:
         log_train(run, stage, engine, losses, bar)
     bar.close()
-    dev_check(run, engine, tok, stage, engine.global_steps, roles)
+    after_dev(run, engine, tok, stage, roles, on_dev)
+    engine.train()
+
+
+def after_dev(run: Run, engine: Any, tok: Any, stage: str, roles, on_dev) -> None:
+    summ = dev_check(run, engine, tok, stage, engine.global_steps, roles)
+    if summ is not None and on_dev is not None:
+        on_dev(engine, tok, summ, engine.global_steps)
+    engine.train()
 
 
 CKPT_NAMES = {"stage0": "stage0", "stage2": "distill", "distill": "distill"}
@@ -280,9 +365,10 @@ def stage1_select(run: Run, engine: Any, tok: Any) -> tuple[Selection, list[str]
     cfg, task, ctx = run.cfg, run.task, run.ctx
     corpus = task.unlabeled
     T = len(task.languages)
+    views = parallel_views(corpus, task.languages)
     idx, probs = predict_probs(
-        engine, tok, parallel_views(corpus, task.languages), ctx,
-        cfg.selection.batch_size, cfg.model.max_length, "stage 1 (selection)", cfg.log.progress,
+        engine, tok, views, ctx, cfg.selection.batch_size, cfg.model.max_length,
+        "stage 1 (selection)", cfg.log.progress, view_langs(run, len(views)),
     )  # fmt: skip
     sel = select_from_views(
         probs, idx // T, idx % T, len(corpus), task.languages,
@@ -343,7 +429,10 @@ def distill_step(
     mine = local_languages(langs, run.ctx)
     examples = run.task.unlabeled.examples
     views = [examples[i].views[lang] for i in batch for lang in mine]
-    logits = forward_views(engine, tok, views, run.cfg.model.max_length, run.ctx.device)
+    lang_ids = None
+    if run.task.label_words is not None:
+        lang_ids = [run.task.lang_id(lang) for _ in batch for lang in mine]
+    logits = forward_views(engine, tok, views, run.cfg.model.max_length, run.ctx.device, lang_ids)
     local = torch.log_softmax(logits.float(), dim=-1).view(len(batch), len(mine), -1)
     log_probs = dist.gather_views(local, run.ctx)[:, : len(langs)]  # [B, T, C]
     loss = pair_kl_loss(
@@ -442,15 +531,13 @@ def _run_stages(run: Run) -> dict:
     if cfg.stage0.enabled:
         done = run.run_dir / "stage0" / "model"
         resumed = cfg.run.resume == "auto" and (done / "config.json").is_file()
-        source = str(done) if resumed else stage0_finetune(run)  # the export is atomic
+        source = stage0_source(run) if resumed else stage0_finetune(run)  # exports are atomic
+        run.say(f"stage 2 starts from {source}")
     gc.collect()  # the stage-0 engine is unreachable now; free it before building the next
     d = cfg.distill
     run.ctx = ctx = dist.with_view_groups(ctx, d.view_parallel_size)
     ds_cfg = build_ds_config(cfg, d, ctx.world_size)
-    scorer, tok, _ = load_for_stage(
-        cfg.model.family, source, task.num_labels, task.label_words,
-        cfg.model.dropout, cfg.model.dtype, ds_cfg,
-    )  # fmt: skip
+    scorer, tok, _ = load_scorer_for(run, source, ds_cfg)
     plan = plan_steps(
         len(task.unlabeled), d.micro_batch, ctx.dp_world, d.epochs, d.grad_accum, d.max_steps
     )
@@ -473,7 +560,7 @@ def _run_stages(run: Run) -> dict:
     return write_report(run, sel, teachers, students, before, after)
 
 
-def health_warnings(before: dict, after: dict | None, english: str) -> list[str]:
+def health_warnings(before: dict, after: dict | None, english: str | None) -> list[str]:
     """Signs that distillation hurt: a smaller gap bought with lower accuracy is a failure."""
     if after is None:
         return []
@@ -481,7 +568,7 @@ def health_warnings(before: dict, after: dict | None, english: str) -> list[str]
     b, a = before["averages"]["all"]["accuracy"], after["averages"]["all"]["accuracy"]
     if a < b:
         out.append(f"average accuracy fell from {b:.2f} to {a:.2f}: a smaller gap is no gain here")
-    drop = before["accuracy"][english] - after["accuracy"][english]
+    drop = 0.0 if english is None else before["accuracy"][english] - after["accuracy"][english]
     if drop > 2.0:
         out.append(f"{english} accuracy fell by {drop:.2f} points")
     for lang, h_b in before.get("prediction_entropy_bits", {}).items():
@@ -492,6 +579,13 @@ def health_warnings(before: dict, after: dict | None, english: str) -> list[str]
                 "(predictions collapsing toward one label)"
             )
     return out
+
+
+def _stage0_best(run: Run) -> dict | None:
+    info = run.run_dir / "stage0" / "best.json"
+    if not (run.cfg.stage0.enabled and run.cfg.stage0.keep_best and info.is_file()):
+        return None
+    return yaml.safe_load(info.read_text())
 
 
 def write_report(run: Run, sel: Selection, teachers, students, before, after) -> dict:
@@ -505,22 +599,42 @@ def write_report(run: Run, sel: Selection, teachers, students, before, after) ->
         "threshold": sel.threshold,
         "test_file": run.task.test.path,
         "num_test_examples": len(run.task.test),
+        "unlabeled_file": run.task.unlabeled.path,
+        "num_unlabeled_examples": len(run.task.unlabeled),
+        "head": run.task.head,
+        "stage0_start": _stage0_best(run),
         "before": before,
         "after": after,
         "warnings": warnings,
+        "data_notes": run.task.notes,
     }
+    states = states_of(before, after, run.cfg.model.name_or_path.rstrip("/").split("/")[-1])
+    tables = {"table2": table2(states, run.task.english), "table3": table3(states)}
+    report["tables"] = tables
     table = markdown_table(before, after, roles)
+    en = run.task.english
+    gap_note = (
+        f"gap = acc({en}) - acc(t); average gaps are over the languages other than {en}"
+        if en
+        else "no reference language (no English view): accuracies only"
+    )
     md = (
         f"# ALSACE report\n\nTest set: `{run.task.test.path}` ({len(run.task.test)} parallel "
-        f"examples x {len(run.task.languages)} languages). Accuracy in %, gap = acc(en) - acc(t); "
-        f"average gaps are over non-English languages.\n\nTeachers: {', '.join(teachers)}; "
+        f"examples x {len(run.task.languages)} languages). Accuracy in %, {gap_note}."
+        f"\n\nTeachers: {', '.join(teachers)}; "
         f"students: {', '.join(students) or '–'} (theta = {sel.threshold:.4f}).\n\n{table}"
+        f"\n## Per language (paper Table 2 layout)\n\n{to_markdown(tables['table2'])}"
+        f"\n## Students / teachers / all (paper Table 3 layout)\n\n{to_markdown(tables['table3'])}"
     )
     if warnings:
         md += "\n" + "".join(f"**WARNING**: {w}\n" for w in warnings)
+    if run.task.notes:
+        md += "\n## Data notes\n\n" + "".join(f"- {n}\n" for n in run.task.notes)
     if run.ctx.is_main:
         atomic_write_json(run.run_dir / "report.json", report)
         atomic_write_text(run.run_dir / "report.md", md)
+        for name, rows in tables.items():
+            atomic_write_text(run.run_dir / f"{name}.csv", to_csv(rows))
         print("\n" + md, flush=True)
     dist.barrier(run.ctx)
     return report

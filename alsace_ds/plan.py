@@ -608,7 +608,7 @@ def _from_config(path: str) -> tuple[str, str, str]:
         from alsace_ds.tasks import cache_dir
 
         name = str(build_embedded(cache_dir(), cfg.model.family).model_dir)
-    return name, cfg.model.family, cfg.model.dtype
+    return name, cfg.model.family, cfg.model.resolved_dtype
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alsace_ds.config import ConfigError, load_config  # noqa: E402
+from alsace_ds.config import ConfigError, config_path, load_config, with_world  # noqa: E402
 from alsace_ds.data import DataError  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -25,7 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="ALSACE on DeepSpeed: English fine-tuning, teacher selection, "
         "cross-lingual self-distillation, evaluation.",
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="YAML config file, or a preset name from configs/presets (e.g. xnli-xlmr-large)",
+    )
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )
@@ -53,12 +57,13 @@ def check_batches(cfg, world: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_path(args.config), args.overrides)
+        expected = launcher_world_size()
+        cfg = with_world(cfg, expected)
+        check_batches(cfg, expected)
         from alsace_ds.tasks import prepare_task
 
         cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
-        expected = launcher_world_size()
-        check_batches(cfg, expected)
         from alsace_ds.pipeline import check_resume
 
         check_resume(cfg)

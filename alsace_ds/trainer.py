@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +56,12 @@ def load_for_stage(
     family: str,
     source: str,
     num_labels: int,
-    label_words: list[str] | None,
+    label_words: list[list[str]] | None,
     dropout: float | None,
     dtype: str,
     ds_config: dict[str, Any],
+    head: str | None = None,
+    languages: list[str] | None = None,
 ) -> tuple[LabelScorer, Any, list[str]]:
     # mT5 checkpoints keep lm_head separate from the shared embedding. transformers 5 decides
     # whether to untie them by comparing the two loaded tensors, and under zero.Init those are
@@ -72,7 +74,9 @@ def load_for_stage(
             family,
             source,
             num_labels,
+            head=head,
             label_words=label_words,
+            languages=languages,
             dropout=dropout,
             dtype=DTYPES[dtype],
         )
@@ -182,11 +186,21 @@ def progress(total: int, desc: str, ctx: dist.DistContext, enabled: bool) -> tqd
 
 
 def forward_views(
-    engine: Any, tokenizer: Any, views: list[View], max_length: int, device: torch.device
+    engine: Any,
+    tokenizer: Any,
+    views: list[View],
+    max_length: int,
+    device: torch.device,
+    lang_ids: Sequence[int] | None = None,
 ) -> Tensor:
-    """Label logits ``[len(views), C]`` (float32) with ONE forward for the whole batch."""
+    """Label logits ``[len(views), C]`` (float32) with ONE forward for the whole batch.
+    ``lang_ids`` ``[B]``: each view's row of the scorer's label-word table (cloze / mT5
+    verbalizers differ per language; the classification head ignores it)."""
     enc = encode_views(tokenizer, views, max_length)
-    return engine(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    if lang_ids is None:
+        return engine(ids, mask).float()
+    return engine(ids, mask, torch.tensor(list(lang_ids), dtype=torch.long, device=device)).float()
 
 
 def cross_entropy_step(
@@ -196,8 +210,9 @@ def cross_entropy_step(
     labels: Tensor,
     max_length: int,
     device: torch.device,
+    lang_ids: Sequence[int] | None = None,
 ) -> Tensor:
-    logits = forward_views(engine, tokenizer, views, max_length, device)  # [B, C]
+    logits = forward_views(engine, tokenizer, views, max_length, device, lang_ids)  # [B, C]
     loss = F.cross_entropy(logits, labels.to(device))
     engine.backward(loss)
     engine.step()
@@ -214,23 +229,26 @@ def predict_probs(
     max_length: int,
     desc: str,
     show_progress: bool,
+    view_langs: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Label distributions for THIS rank's share of ``views``.
 
     Views are dealt round-robin across ranks and every rank runs the same number of
-    forwards (dummy views fill the tail and are dropped). Returns (global view indices
+    forwards (dummy views fill the tail and are dropped). ``view_langs[v]`` is view v's row
+    of the label-word table (see ``forward_views``). Returns (global view indices
     ``[V_local]`` long, probabilities ``[V_local, C]`` float32).
     """
     was_training = engine.training
     engine.eval()
-    lengths = [len(v) if isinstance(v, str) else len(v[0]) + len(v[1]) for v in views]
+    lengths = [len(v) if isinstance(v, str) else sum(len(x) for x in v) for v in views]
     batches = view_batches(len(views), batch_size, ctx.rank, ctx.world_size, lengths)
     idx_out: list[Tensor] = []
     prob_out: list[Tensor] = []
     with progress(len(batches), desc, ctx, show_progress) as bar:
         for indices, valid in batches:
+            langs = None if view_langs is None else [view_langs[i] for i in indices]
             logits = forward_views(
-                engine, tokenizer, [views[i] for i in indices], max_length, ctx.device
+                engine, tokenizer, [views[i] for i in indices], max_length, ctx.device, langs
             )
             keep = torch.tensor(valid, dtype=torch.bool)
             prob_out.append(torch.softmax(logits, dim=-1).cpu()[keep])

@@ -84,10 +84,18 @@ def run_single(overrides: list[str], cache: Path, timeout: float = 600):
 
 @torch.no_grad()
 def recompute_probs(
-    model_dir: Path, family: str, corpus_path: str, languages, labels, words, max_length: int
+    model_dir: Path,
+    family: str,
+    corpus_path: str,
+    languages,
+    labels,
+    words,
+    max_length: int,
+    dtype: torch.dtype = torch.float32,
 ):
-    """``[N, T, C]`` label distributions of every view, one process, no DeepSpeed."""
-    scorer, tok, _ = load_scorer(family, model_dir, len(labels), label_words=words)
+    """``[N, T, C]`` label distributions of every view, one process, no DeepSpeed (in the
+    run's dtype: bf16 predictions are not fp32 predictions)."""
+    scorer, tok, _ = load_scorer(family, model_dir, len(labels), label_words=words, dtype=dtype)
     corpus = load_parallel_jsonl(corpus_path, languages, labels, require_label=False)
     out = torch.empty(len(corpus), len(languages), len(labels))
     for t, lang in enumerate(languages):

@@ -44,6 +44,7 @@ def _probs_and_selection(run_dir: Path, model_dir: Path, corpus_key: str):
         t.labels,
         words,
         cfg.model.max_length,
+        {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.resolved_dtype],
     )
     return cfg, probs, corpus
 
@@ -173,8 +174,9 @@ def test_start_from_stage0_model_in_one_process_gives_the_same_selection(xlmr_ru
 
 
 def test_mt5_under_zero3_partitioned(tmp_path, cache):
-    """mT5 label words + ZeRO-3 with every parameter partitioned: the export gathers the
-    shards, and the exported model reproduces the reported accuracy in one process."""
+    """mT5 label words + ZeRO-3 with every parameter partitioned, in bf16 (mT5's default): the
+    export gathers the shards, and the exported model reproduces the reported accuracy in one
+    bf16 process."""
     out = tmp_path / "mt5"
     res = launch(
         [
@@ -190,8 +192,12 @@ def test_mt5_under_zero3_partitioned(tmp_path, cache):
     )
     assert res.returncode == 0, res.stdout[-6000:]
     report = json.loads((out / "report.json").read_text())
+    saved = json.loads((out / "final" / "model" / "config.json").read_text())
+    assert saved["dtype"] == "bfloat16"
     cfg, probs, corpus = _probs_and_selection(out, out / "final" / "model", "test_file")
     acc = _accuracy(probs, corpus, cfg.task.languages)
-    assert report["after"]["accuracy"] == pytest.approx(acc, abs=1e-9)
+    # bf16 rounding depends on the batch shapes (the run sorts views by length, the check
+    # does not), so a near tie may flip: at most 5 of the 1000 test examples per language.
+    assert report["after"]["accuracy"] == pytest.approx(acc, abs=0.5)
     sel = json.loads((out / "selection.json").read_text())
     assert sorted(sel["teachers"] + sel["students"]) == sorted(cfg.task.languages)

@@ -9,8 +9,10 @@ from tokenizers.models import Unigram
 from transformers import PreTrainedTokenizerFast
 
 from alsace_ds.models import (
+    HEADS,
     MT5LabelWords,
     XLMRClassifier,
+    XLMRCloze,
     encode_views,
     label_word_token_ids,
     load_scorer,
@@ -55,7 +57,7 @@ def test_logits_shape_and_type(tiny_dirs, family):
 def test_mt5_logits_match_full_model_and_generate(tiny_dirs):
     scorer, tok, _ = _load("mt5", tiny_dirs["mt5"])
     ids = [tok.convert_tokens_to_ids(w) for w in LABEL_WORDS]
-    assert scorer.label_token_ids.tolist() == ids
+    assert scorer.label_token_ids.tolist() == [ids]  # one row, shared by every language
     # Derived from the tokenizer, so not part of the state dict / checkpoints.
     assert "label_token_ids" not in scorer.state_dict()
     batch = encode_views(tok, TEXTS, 32)
@@ -276,3 +278,189 @@ def test_encode_views_mt5_pairs():
     i = tok.convert_tokens_to_ids
     enc = encode_views(tok, [("hello world", "a dog")], 16)
     assert enc["input_ids"].tolist() == [[i("hello"), i("world"), 1, i("a"), i("dog"), 1]]
+
+
+# ----------------------------------------------------------------------------- cloze head and
+# per-language label words
+
+CLOZE_WORDS = WORDS + ["yes maybe no", "oui peut non , ?"]
+FR_WORDS = ["oui", "peut", "non"]
+CLOZE_VIEWS = [
+    ("the cat sat on the mat ?", "<mask> , a dog ran"),
+    ("hello world ?", "<mask> , is it true"),
+    ("a dog ran far away ?", "<mask> , the cat sat on the mat"),
+]
+
+
+@pytest.fixture(scope="module")
+def cloze_dir(tmp_path_factory):
+    # A sequence-classification tiny model: the cloze path must add a fresh MLM head.
+    root = tmp_path_factory.mktemp("cloze")
+    return build_tiny_model(root / "xlmr", "xlmr", CLOZE_WORDS, LABEL_NAMES, seed=2)
+
+
+def _cloze(path, words=LABEL_WORDS, **kw):
+    return load_scorer("xlmr", path, 3, head="cloze", label_words=words, **kw)
+
+
+def _naive_cloze(scorer, batch, table_rows):
+    """Full MaskedLM forward: [B, L, V] logits at the mask position, label columns."""
+    out = scorer.hf_model(**batch).logits  # [B, L, V]
+    pos = (batch["input_ids"] == scorer.mask_token_id).nonzero()
+    assert pos[:, 0].tolist() == list(range(len(table_rows)))  # one mask per row
+    at_mask = out[pos[:, 0], pos[:, 1]]  # [B, V]
+    return torch.stack([at_mask[b, ids] for b, ids in enumerate(table_rows)])
+
+
+def test_cloze_matches_full_masked_lm(cloze_dir):
+    scorer, tok, warnings = _cloze(cloze_dir)
+    assert isinstance(scorer, XLMRCloze) and scorer.head == "cloze" and scorer.family == "xlmr"
+    assert len(warnings) == 1 and "no masked-LM head" in warnings[0]
+    assert "lm_head.dense.weight" in warnings[0] and "freshly initialised" in warnings[0]
+    assert scorer.num_labels == 3 and not scorer.per_language and not scorer.training
+    ids = tok.convert_tokens_to_ids(LABEL_WORDS)
+    assert scorer.label_token_ids.tolist() == [ids]
+    assert "label_token_ids" not in scorer.state_dict()
+    assert scorer.mask_token_id == tok.mask_token_id
+    batch = encode_views(tok, CLOZE_VIEWS, 32)
+    with torch.no_grad():
+        got = scorer(**batch)
+        want = _naive_cloze(scorer, batch, [ids] * 3)
+        # A shared table ignores lang_ids.
+        again = scorer(**batch, lang_ids=torch.tensor([5, 0, 2]))
+    assert got.shape == (3, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+def test_cloze_per_language_rows_and_lang_ids(cloze_dir):
+    rows = [LABEL_WORDS, FR_WORDS]
+    scorer, tok, warnings = _cloze(cloze_dir, rows, languages=["en", "fr"])
+    assert scorer.per_language and scorer.num_label_rows == 2 and scorer.num_labels == 3
+    table = [tok.convert_tokens_to_ids(r) for r in rows]
+    assert scorer.label_token_ids.tolist() == table
+    batch = encode_views(tok, CLOZE_VIEWS, 32)
+    lang_ids = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        got = scorer(**batch, lang_ids=lang_ids)
+        want = _naive_cloze(scorer, batch, [table[i] for i in lang_ids.tolist()])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="per-language label words .2 rows.*lang_ids"):
+        scorer(**batch)
+    with pytest.raises(ValueError, match=r"lang_ids must lie in \[0, 2\)"):
+        scorer(**batch, lang_ids=torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        scorer(**batch, lang_ids=torch.tensor([0, 1]))
+
+
+def test_cloze_mask_count_errors(cloze_dir):
+    scorer, tok, _ = _cloze(cloze_dir)
+    views = [CLOZE_VIEWS[0], ("hello world ?", "yes , is it true"), ("<mask> <mask>", "a dog")]
+    batch = encode_views(tok, views, 32)
+    with pytest.raises(ValueError, match="exactly once.*row 1: 0, row 2: 2.*truncated away"):
+        scorer(**batch)
+    # The mask truncated away by max_length.
+    batch = encode_views(tok, ["the cat sat on the mat <mask>"], 5)
+    with pytest.raises(ValueError, match="row 0: 0"):
+        scorer(**batch)
+
+
+def test_cloze_save_roundtrip(cloze_dir, tmp_path):
+    scorer, tok, _ = _cloze(cloze_dir, [LABEL_WORDS, FR_WORDS], languages=["en", "fr"])
+    with torch.no_grad():
+        scorer.hf_model.lm_head.dense.weight.mul_(1.5)  # distinguishable from a fresh init
+    scorer.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    again, tok2, warnings = _cloze(tmp_path / "ckpt", [LABEL_WORDS, FR_WORDS])
+    assert warnings == []  # the MLM head is in the checkpoint now
+    assert isinstance(again, XLMRCloze)
+    a_state, b_state = scorer.state_dict(), again.state_dict()
+    assert a_state.keys() == b_state.keys()
+    for k in a_state:
+        assert torch.equal(a_state[k], b_state[k]), k
+    assert torch.equal(again.label_token_ids, scorer.label_token_ids)
+    batch = encode_views(tok2, CLOZE_VIEWS, 32)
+    lang_ids = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again(**batch, lang_ids=lang_ids), scorer(**batch, lang_ids=lang_ids), rtol=0, atol=0
+        )
+
+
+def test_mt5_per_language_label_words_match_full_model(tiny_dirs):
+    rows = [LABEL_WORDS, ["cat", "dog", "mat"], ["no", "yes", "maybe"]]
+    scorer, tok, warnings = load_scorer(
+        "mt5", tiny_dirs["mt5"], 3, label_words=rows, languages=["en", "xx", "yy"]
+    )
+    assert warnings == [] and scorer.per_language and scorer.head == "label_words"
+    table = [tok.convert_tokens_to_ids(r) for r in rows]
+    assert scorer.label_token_ids.tolist() == table
+    batch = encode_views(tok, TEXTS, 32)
+    lang_ids = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        got = scorer(**batch, lang_ids=lang_ids)
+        full = scorer.hf_model(**batch, decoder_input_ids=torch.zeros(3, 1, dtype=torch.long))
+        step0 = full.logits[:, 0]  # [B, V]
+    want = torch.stack([step0[b, table[t]] for b, t in enumerate(lang_ids.tolist())])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="lang_ids"):
+        scorer(**batch)
+
+
+def test_classifier_ignores_lang_ids(tiny_dirs):
+    scorer, tok, _ = _load("xlmr", tiny_dirs["xlmr"])
+    assert not scorer.per_language and scorer.head == "classification"
+    batch = encode_views(tok, TEXTS, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            scorer(**batch, lang_ids=torch.tensor([3, 1, 0])), scorer(**batch), rtol=0, atol=0
+        )
+
+
+def test_load_scorer_head_errors(tiny_dirs, cloze_dir):
+    assert HEADS == {"xlmr": ("classification", "cloze"), "mt5": ("label_words",)}
+    with pytest.raises(
+        ValueError,
+        match="unknown head 'classification' for model family 'mt5'; valid heads: "
+        r"xlmr: classification \(default\), cloze; mt5: label_words \(default\)",
+    ):
+        load_scorer("mt5", tiny_dirs["mt5"], 3, head="classification", label_words=LABEL_WORDS)
+    with pytest.raises(ValueError, match="unknown head 'label_words' for model family 'xlmr'"):
+        load_scorer("xlmr", tiny_dirs["xlmr"], 3, head="label_words")
+    with pytest.raises(ValueError, match="head 'cloze' needs label_words"):
+        load_scorer("xlmr", cloze_dir, 3, head="cloze")
+    # head=None is the family default.
+    assert isinstance(load_scorer("xlmr", tiny_dirs["xlmr"], 3, head=None)[0], XLMRClassifier)
+    mt5, _, _ = load_scorer("mt5", tiny_dirs["mt5"], 3, head="label_words", label_words=LABEL_WORDS)
+    assert isinstance(mt5, MT5LabelWords)
+
+
+def _word_warnings(warnings):
+    return [w for w in warnings if "masked-LM head" not in w]
+
+
+def test_per_language_label_word_errors(cloze_dir):
+    langs = ["en", "fr"]
+    with pytest.raises(ValueError, match="language 'fr' .row 1.: label word 'zebra'.*unknown"):
+        _cloze(cloze_dir, [LABEL_WORDS, ["oui", "zebra", "non"]], languages=langs)
+    with pytest.raises(ValueError, match="language 'fr' .row 1.: label words 'non' and 'non'"):
+        _cloze(cloze_dir, [LABEL_WORDS, ["oui", "non", "non"]], languages=langs)
+    with pytest.raises(ValueError, match="language 'fr' .row 1.: got 2 words"):
+        _cloze(cloze_dir, [LABEL_WORDS, ["oui", "non"]], languages=langs)
+    with pytest.raises(ValueError, match="language row 1: label word 'zebra'"):
+        _cloze(cloze_dir, [LABEL_WORDS, ["oui", "zebra", "non"]])  # no codes: row index
+    with pytest.raises(ValueError, match="2 rows of label_words for 3 languages"):
+        _cloze(cloze_dir, [LABEL_WORDS, FR_WORDS], languages=["en", "fr", "de"])
+    with pytest.raises(ValueError, match="list of C words .* or a list of T lists"):
+        _cloze(cloze_dir, ["yes", ["maybe"], "no"])
+    # The same words in two languages (even in another order) are fine.
+    scorer, _, warnings = _cloze(cloze_dir, [LABEL_WORDS, ["no", "yes", "maybe"]], languages=langs)
+    assert _word_warnings(warnings) == [] and scorer.num_label_rows == 2
+    # A split word warns and names its language.
+    _, _, warnings = _cloze(cloze_dir, [LABEL_WORDS, ["oui", "peut non", "non ,"]], languages=langs)
+    assert _word_warnings(warnings) == [
+        "language 'fr' (row 1): label word 'peut non' is split into 2 pieces; using the first "
+        "piece 'peut'",
+        "language 'fr' (row 1): label word 'non ,' is split into 2 pieces; using the first "
+        "piece 'non'",
+    ]

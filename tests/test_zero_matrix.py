@@ -55,6 +55,7 @@ def _run(family: str, zero: str, base: Path, cache: Path) -> tuple[Path, str]:
         overrides = [
             f"run.output_dir={out}",
             f"model.family={family}",
+            "model.dtype=fp32",  # the stage-0 losses are compared across ZeRO stages
             f"deepspeed.config={ZEROS[zero][0]}",
             *FAST,
         ]
