@@ -175,6 +175,19 @@ class DistillConfig:
     pairs: Literal["ordered", "unordered"] = "ordered"
     direction: Literal["forward", "reverse"] = "forward"
     detach_teacher: bool = False
+    # Dev checks: optimizer steps between them (0 = at epoch ends only). Each check feeds the
+    # collapse guard (alsace_ds.guard): English dev accuracy, mean-prediction entropy,
+    # agreement with the start, cross-lingual consistency; no target-language labels.
+    eval_every: int = 0
+    guard: bool = True  # stop early when unhealthy; needs a dev set
+    guard_max_en_drop: float = 2.0  # points of English dev accuracy below the start
+    guard_min_entropy_ratio: float = 0.5  # mean-prediction entropy vs the start, per language
+    guard_patience: int = 1  # unhealthy checks in a row before stopping
+    keep_best: bool = True  # report and export the best healthy check (by consistency)
+    # "alsace" (teacher selection + self-distillation) or the paper's Table 4 baseline
+    # "english_self_training": pseudo-label the unlabeled English views, keep the most
+    # confident half, fine-tune on them with cross-entropy (same lr/epochs/batch).
+    method: Literal["alsace", "english_self_training"] = "alsace"
 
 
 @dataclass
@@ -456,6 +469,14 @@ def validate(cfg: Config) -> list[str]:
         if st.weight_decay < 0:
             errors.append(f"{name}.weight_decay: must be >= 0, got {st.weight_decay}")
     _positive(errors, "distill.view_parallel_size", cfg.distill.view_parallel_size)
+    dd = cfg.distill
+    if dd.eval_every < 0:
+        errors.append("distill.eval_every: must be >= 0")
+    if dd.guard_max_en_drop < 0:
+        errors.append("distill.guard_max_en_drop: must be >= 0")
+    if not 0.0 <= dd.guard_min_entropy_ratio <= 1.0:
+        errors.append("distill.guard_min_entropy_ratio: must be in [0, 1]")
+    _positive(errors, "distill.guard_patience", dd.guard_patience)
     s = cfg.selection
     if s.threshold is not None and not (0.0 < s.threshold <= 1.0):
         errors.append(f"selection.threshold: must be in (0, 1], got {s.threshold}")

@@ -10,8 +10,10 @@ Face folders) and ``tb/`` (TensorBoard events).
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from alsace_ds.data import ParallelCorpus, View
 from alsace_ds.distill import pair_kl_loss
 from alsace_ds.ds_config import build_ds_config
 from alsace_ds.evaluate import accuracy_counts, markdown_table, summarize
+from alsace_ds.guard import Guard, monitor_metrics, monitor_sums
 from alsace_ds.io import atomic_write_json, atomic_write_text
 from alsace_ds.report import states_of, table2, table3, to_csv, to_markdown
 from alsace_ds.selection import Selection, select_from_views
@@ -74,10 +77,23 @@ def parallel_views(corpus: ParallelCorpus, languages: list[str]) -> list[View]:
 
 def evaluate(run: Run, engine: Any, tokenizer: Any, corpus: ParallelCorpus, desc: str) -> dict:
     """Reduced per-language sums (correct, count, prediction histogram) over all ranks."""
-    langs = run.task.languages
-    T = len(langs)
-    views = parallel_views(corpus, langs)
-    idx, probs = predict_probs(
+    return count_stats(run, corpus, *predict_corpus(run, engine, tokenizer, corpus, desc))
+
+
+def count_stats(run: Run, corpus: ParallelCorpus, idx: torch.Tensor, probs: torch.Tensor) -> dict:
+    T = len(run.task.languages)
+    labels = corpus.labels()[idx // T]
+    stats = accuracy_counts(probs.argmax(-1), labels, idx % T, T, run.task.num_labels)
+    return {k: dist.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
+
+
+def predict_corpus(
+    run: Run, engine: Any, tokenizer: Any, corpus: ParallelCorpus, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (view index ``[V]``, probabilities ``[V, C]``) over the corpus's views
+    (example-major: view v is example v // T in language v % T)."""
+    views = parallel_views(corpus, run.task.languages)
+    return predict_probs(
         engine,
         tokenizer,
         views,
@@ -88,9 +104,6 @@ def evaluate(run: Run, engine: Any, tokenizer: Any, corpus: ParallelCorpus, desc
         run.cfg.log.progress,
         view_langs(run, len(views)),
     )
-    labels = corpus.labels()[idx // T]
-    stats = accuracy_counts(probs.argmax(-1), labels, idx % T, T, run.task.num_labels)
-    return {k: dist.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
 
 
 def view_langs(run: Run, num_views: int) -> list[int] | None:
@@ -126,12 +139,22 @@ def log_summary(run: Run, prefix: str, summ: dict, step: int) -> None:
             run.tb.scalar(f"{prefix}/avg_gap/{group}", avg["gap"], step)
 
 
-def dev_check(run: Run, engine: Any, tok: Any, stage: str, step: int, roles=None) -> dict | None:
-    """Per-language dev accuracy during training (English dev accuracy guards against a
-    collapse of the distillation; English labels are allowed)."""
+@dataclass
+class DevResult:
+    summ: dict  # accuracies etc. (all-reduced)
+    idx: torch.Tensor  # this rank's view indices [V]
+    probs: torch.Tensor  # [V, C]
+
+
+def dev_check(
+    run: Run, engine: Any, tok: Any, stage: str, step: int, roles=None
+) -> DevResult | None:
+    """Per-language dev accuracy during training, logged as curves. Decisions (best stage-0
+    model, the stage-2 guard) use English dev accuracy only: no target-language labels."""
     if run.task.dev is None or not run.cfg.eval.every_epoch:
         return None
-    stats = evaluate(run, engine, tok, run.task.dev, f"{stage} dev")
+    idx, probs = predict_corpus(run, engine, tok, run.task.dev, f"{stage} dev")
+    stats = count_stats(run, run.task.dev, idx, probs)
     teachers, students = roles or (run.task.languages, [])
     summ = summary(run, stats, teachers, students)
     log_summary(run, f"{stage}/dev", summ, step)
@@ -140,7 +163,7 @@ def dev_check(run: Run, engine: Any, tok: Any, stage: str, step: int, roles=None
     head = f"{en}={summ['accuracy'][en]:.2f} " if en else ""
     gap = f" avg gap={avg['gap']:.2f}" if avg["gap"] is not None else ""
     run.say(f"{stage} step {step}: dev acc {head}avg={avg['accuracy']:.2f}{gap}")
-    return summ
+    return DevResult(summ, idx, probs)
 
 
 # ----------------------------------------------------------------------------- stage 0
@@ -235,10 +258,11 @@ class BestKeeper:
             return float(summ["accuracy"][self.run.task.english])
         return float(summ["averages"]["all"]["accuracy"])
 
-    def update(self, engine: Any, tok: Any, summ: dict, step: int) -> None:
+    def update(self, engine: Any, tok: Any, dev: DevResult, step: int) -> bool:
+        summ = dev.summ
         value = self.value(summ)
         if self.best is not None and value <= self.best:
-            return
+            return False
         self.best = value
         export_hf(engine, tok, self.folder, self.run.ctx)
         if self.run.ctx.is_main:
@@ -247,6 +271,7 @@ class BestKeeper:
                 {"metric": self.metric, "value": value, "step": step, "dev": summ["accuracy"]},
             )
         self.run.say(f"new best {self.metric} dev accuracy {value:.2f} at step {step}")
+        return False
 
 
 def train_loop(
@@ -261,11 +286,14 @@ def train_loop(
     step: Callable[[list[int]], torch.Tensor],
     start: int = 0,
     roles: tuple[list[str], list[str]] | None = None,
-    on_dev: Callable[[Any, Any, dict, int], None] | None = None,
-) -> None:
+    on_dev: Callable[[Any, Any, DevResult, int], bool] | None = None,
+) -> bool:
     """The micro-step loop shared by both training stages: ``step(batch) -> loss`` does the
-    forward/backward/step; dev curves at epoch ends, mean loss every ``run.log_every`` steps,
-    checkpoint / stop decisions at optimizer-step boundaries. ``start`` resumes mid-stage."""
+    forward/backward/step; dev checks at epoch ends (and every ``st.eval_every`` optimizer
+    steps where the stage has it), mean loss every ``run.log_every`` steps, checkpoint / stop
+    decisions at optimizer-step boundaries. ``start`` resumes mid-stage. ``on_dev`` sees each
+    dev check and returns True to end the stage early (the same on every rank: its inputs
+    are all-reduced). Returns whether it ended early."""
     engine.train()
     bar = progress(plan.total_micro, stage, run.ctx, run.cfg.log.progress)
     bar.update(start)
@@ -273,28 +301,44 @@ def train_loop(
     last_epoch = (start - 1) // plan.micro_per_epoch if start else 0
     ctx = run.ctx  # data parallel across view groups (a group shares its examples)
     batches = micro_batches(n, st.micro_batch, ctx.dp_rank, ctx.dp_world, seed, plan, start)
+    every = getattr(st, "eval_every", 0)
+    stopped = False
     for micro, epoch, batch in batches:
         if epoch != last_epoch:
-            after_dev(run, engine, tok, stage, roles, on_dev)
             last_epoch = epoch
+            if after_dev(run, engine, tok, stage, roles, on_dev):
+                stopped = True
+                break
         losses.append(step(batch))
         bar.update(1)
         if (micro + 1) % (st.grad_accum * run.cfg.run.log_every) == 0:
             log_train(run, stage, engine, losses, bar)
         if (micro + 1) % st.grad_accum == 0:
-            step_boundary(run, stage, engine, micro + 1, last=micro + 1 == plan.total_micro)
+            last = micro + 1 == plan.total_micro
+            step_boundary(run, stage, engine, micro + 1, last=last)
+            at_epoch_end = (micro + 1) % plan.micro_per_epoch == 0  # checked at the next epoch
+            if every and engine.global_steps % every == 0 and not last and not at_epoch_end:
+                if after_dev(run, engine, tok, stage, roles, on_dev):
+                    stopped = True
+                    break
     if losses:
         log_train(run, stage, engine, losses, bar)
     bar.close()
-    after_dev(run, engine, tok, stage, roles, on_dev)
+    if not stopped:
+        after_dev(run, engine, tok, stage, roles, on_dev)
     engine.train()
+    return stopped
 
 
-def after_dev(run: Run, engine: Any, tok: Any, stage: str, roles, on_dev) -> None:
-    summ = dev_check(run, engine, tok, stage, engine.global_steps, roles)
-    if summ is not None and on_dev is not None:
-        on_dev(engine, tok, summ, engine.global_steps)
+def after_dev(run: Run, engine: Any, tok: Any, stage: str, roles, on_dev) -> bool:
+    dev = dev_check(run, engine, tok, stage, engine.global_steps, roles)
+    stop = (
+        dev is not None
+        and on_dev is not None
+        and bool(on_dev(engine, tok, dev, engine.global_steps))
+    )
     engine.train()
+    return stop
 
 
 CKPT_NAMES = {"stage0": "stage0", "stage2": "distill", "distill": "distill"}
@@ -444,26 +488,136 @@ def distill_step(
     return loss.detach()
 
 
+class DevMonitor:
+    """Stage 2's dev checks -> the collapse guard (:mod:`alsace_ds.guard`): TensorBoard
+    curves, ``distill_guard.json`` (its state, for resume and the report), the best healthy
+    model exported to ``distill/best``, and the early-stop decision."""
+
+    def __init__(self, run: Run, source: str) -> None:
+        d = run.cfg.distill
+        self.run, self.source = run, source
+        self.guard = Guard(d.guard_max_en_drop, d.guard_min_entropy_ratio, d.guard_patience)
+        self.path = run.run_dir / "distill_guard.json"
+        self.best_dir = run.run_dir / "distill" / "best"
+        self.reference: torch.Tensor | None = None  # [N, T] predictions at the start
+        self.stopped_early = False
+        if run.cfg.run.resume == "auto" and self.path.is_file():
+            state = json.loads(self.path.read_text())
+            self.guard.load(state["guard"])
+            self.reference = torch.tensor(state["reference"], dtype=torch.long)
+
+    def __call__(self, engine: Any, tok: Any, dev: DevResult, step: int) -> bool:
+        task = self.run.task
+        T = len(task.languages)
+        sums = monitor_sums(
+            dev.probs, dev.idx // T, dev.idx % T, len(task.dev), T, task.dev.labels()
+        )  # fmt: skip
+        sums = {k: dist.all_reduce_sum(v, self.run.ctx) for k, v in sums.items()}
+        metrics, pred = monitor_metrics(sums, task.languages, task.english, self.reference)
+        if self.reference is None:
+            self.reference = pred
+        verdict = self.guard.check(metrics, step)
+        self._log(metrics, verdict, step)
+        if verdict["improved"] and step > 0 and self.run.cfg.distill.keep_best:
+            export_hf(engine, tok, self.best_dir, self.run.ctx)
+        if verdict["problems"]:
+            for p in verdict["problems"]:
+                self.run.say(f"GUARD step {step}: {p}")
+        self.stopped_early = verdict["stop"]
+        if self.run.ctx.is_main:
+            state = {"guard": self.guard.state(), "reference": self.reference.tolist()}
+            atomic_write_json(self.path, state)
+        if verdict["stop"]:
+            self.run.say(f"GUARD: stopping stage 2 early at step {step}")
+        return verdict["stop"] and self.run.cfg.distill.guard
+
+    def _log(self, m: dict, verdict: dict, step: int) -> None:
+        tb = self.run.tb
+        if "english_accuracy" in m:
+            tb.scalar("stage2/guard/english_dev_accuracy", m["english_accuracy"], step)
+        tb.scalars("stage2/guard/mean_prediction_entropy_bits",
+                   m["mean_prediction_entropy_bits"], step)  # fmt: skip
+        tb.scalars("stage2/guard/agreement_with_start", m["agreement_with_start"], step)
+        tb.scalar("stage2/guard/consistency", m["consistency"], step)
+        tb.scalar("stage2/guard/healthy", float(verdict["healthy"]), step)
+
+    def best_source(self, last_step: int) -> str | None:
+        """The folder of the best healthy check when it is not the last model; None = last."""
+        best = self.guard.best_step
+        if not self.run.cfg.distill.keep_best or best is None or best == last_step:
+            return None
+        return self.source if best == 0 else str(self.best_dir)
+
+    def summary(self, final_from: str) -> dict:
+        return {
+            "best_step": self.guard.best_step,
+            "stopped_early": self.stopped_early,
+            "final_from": final_from,
+            "checks": self.guard.history,
+        }
+
+
 def stage2_distill(
-    run: Run, engine: Any, tok: Any, teachers: list[str], students: list[str]
-) -> None:
+    run: Run, engine: Any, tok: Any, teachers: list[str], students: list[str],
+    monitor: DevMonitor | None,
+) -> None:  # fmt: skip
     cfg, ctx = run.cfg, run.ctx
     d = cfg.distill
     n = len(run.task.unlabeled)
     plan = plan_steps(n, d.micro_batch, ctx.dp_world, d.epochs, d.grad_accum, d.max_steps)
     run.say(
-        f"stage 2: self-distillation on {n} parallel examples x {len(run.task.languages)} "
+        f"stage 2: {d.method} on {n} parallel examples x {len(run.task.languages)} "
         f"languages, {plan.total_optimizer_steps} optimizer steps, lr {d.lr:g}"
     )
     point = resume_point(run, "distill", engine)
     if point["complete"]:
         return
+    if monitor is not None and point["micro"] == 0:
+        after_dev(run, engine, tok, "stage2", (teachers, students), monitor)  # the start
+    if d.method == "english_self_training":
+        step, n = english_self_training_step(run, engine, tok)
+        # The same optimizer steps (compute, lr schedule) as ALSACE, over the kept half.
+        per_epoch = -(-n // (d.micro_batch * ctx.dp_world))
+        plan = StepPlan(per_epoch, plan.total_micro, plan.grad_accum)
+    else:
+        step = partial(distill_step, run, engine, tok, teachers=teachers)
     train_loop(
-        run, "stage2", engine, tok, plan, n, d, cfg.run.seed + 1000,
-        lambda batch: distill_step(run, engine, tok, batch, teachers),
-        point["micro"], roles=(teachers, students),
+        run, "stage2", engine, tok, plan, n, d, cfg.run.seed + 1000, step,
+        point["micro"], roles=(teachers, students), on_dev=monitor,
     )  # fmt: skip
     save_stage(run, "distill", engine, plan.total_micro, complete=True)
+
+
+def english_self_training_step(run: Run, engine: Any, tok: Any):
+    """Paper Table 4's English self-training: pseudo-label the unlabeled English views with
+    the fine-tuned model, keep the most confident half, cross-entropy on those."""
+    task, cfg = run.task, run.cfg
+    english = task.english or task.train_language
+    corpus = task.unlabeled.subset(range(len(task.unlabeled)))
+    views = [ex.views[english] for ex in corpus.examples]
+    langs = None if task.label_words is None else [task.lang_id(english)] * len(views)
+    idx, probs = predict_probs(
+        engine, tok, views, run.ctx, cfg.selection.batch_size, cfg.model.max_length,
+        "self-training: pseudo-labels", cfg.log.progress, langs,
+    )  # fmt: skip
+    N, C = len(views), task.num_labels
+    dense = torch.zeros(N, C, dtype=torch.float64)
+    dense[idx] = probs.to(torch.float64)
+    dense = dist.all_reduce_sum(dense, run.ctx)  # every rank: all N distributions
+    conf, label = dense.max(-1)
+    keep = conf.argsort(descending=True, stable=True)[: max(1, N // 2)].sort().values
+    kept = [corpus.examples[i] for i in keep.tolist()]
+    labels = label[keep]
+    run.say(f"self-training: kept the {len(kept)} most confident of {N} English pseudo-labels")
+
+    def step(batch: list[int]) -> torch.Tensor:
+        views_b = [kept[i].views[english] for i in batch]
+        ids = None if langs is None else langs[: len(batch)]
+        return cross_entropy_step(
+            engine, tok, views_b, labels[batch], cfg.model.max_length, run.ctx.device, ids
+        )
+
+    return step, len(kept)
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -549,15 +703,24 @@ def _run_stages(run: Run) -> dict:
     before = summary(run, before_stats, teachers, students)
     log_summary(run, "eval/before", before, 0)
 
-    after = None
+    after, guard = None, None
     if d.enabled:
-        stage2_distill(run, engine, tok, teachers, students)
+        monitor = DevMonitor(run, source) if task.dev is not None and d.guard else None
+        stage2_distill(run, engine, tok, teachers, students, monitor)
+        best = monitor.best_source(engine.global_steps) if monitor else None
+        if best is not None:  # the guard kept an earlier, healthy model: report that one
+            run.say(f"stage 2: the final model is the best healthy check, {best}")
+            del engine
+            gc.collect()
+            scorer, tok, _ = load_scorer_for(run, best, ds_cfg)
+            engine = build_engine(scorer, ds_cfg, d.lr, d.weight_decay, total, 0)
         after = summary(
             run, evaluate(run, engine, tok, task.test, "evaluate (after)"), teachers, students
         )
         log_summary(run, "eval/after", after, engine.global_steps)
         export_hf(engine, tok, run.run_dir / "final" / "model", ctx)
-    return write_report(run, sel, teachers, students, before, after)
+        guard = monitor.summary(best or "last step") if monitor else None
+    return write_report(run, sel, teachers, students, before, after, guard)
 
 
 def health_warnings(before: dict, after: dict | None, english: str | None) -> list[str]:
@@ -581,6 +744,27 @@ def health_warnings(before: dict, after: dict | None, english: str | None) -> li
     return out
 
 
+def guard_markdown(guard: dict, english: str | None) -> str:
+    """The stage-2 dev checks as a table: the collapse guard's view of the run."""
+    head = (
+        "| step | "
+        + (f"{english} dev acc | " if english else "")
+        + ("min mean-pred entropy (bits) | min agreement with start | consistency | healthy |")
+    )
+    cols = head.count("|") - 1
+    lines = ["## Collapse guard (dev checks of stage 2)", "", head, "|" + "---:|" * cols]
+    for c in guard["checks"]:
+        en = f"{c['english_accuracy']:.2f} | " if english else ""
+        lines.append(
+            f"| {c['step']} | {en}{min(c['mean_prediction_entropy_bits'].values()):.3f} | "
+            f"{min(c['agreement_with_start'].values()):.1f} | {c['consistency']:.2f} | "
+            f"{'yes' if c['healthy'] else 'NO: ' + '; '.join(c['problems'])} |"
+        )
+    lines += ["", f"Best healthy check: step {guard['best_step']}; final model from "
+              f"{guard['final_from']}; stopped early: {guard['stopped_early']}.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
 def _stage0_best(run: Run) -> dict | None:
     info = run.run_dir / "stage0" / "best.json"
     if not (run.cfg.stage0.enabled and run.cfg.stage0.keep_best and info.is_file()):
@@ -588,7 +772,7 @@ def _stage0_best(run: Run) -> dict | None:
     return yaml.safe_load(info.read_text())
 
 
-def write_report(run: Run, sel: Selection, teachers, students, before, after) -> dict:
+def write_report(run: Run, sel: Selection, teachers, students, before, after, guard=None) -> dict:
     roles = {x: ("teacher" if x in teachers else "student") for x in run.task.languages}
     warnings = health_warnings(before, after, run.task.english)
     report = {
@@ -607,6 +791,8 @@ def write_report(run: Run, sel: Selection, teachers, students, before, after) ->
         "after": after,
         "warnings": warnings,
         "data_notes": run.task.notes,
+        "method": run.cfg.distill.method,
+        "guard": guard,
     }
     states = states_of(before, after, run.cfg.model.name_or_path.rstrip("/").split("/")[-1])
     tables = {"table2": table2(states, run.task.english), "table3": table3(states)}
@@ -628,6 +814,8 @@ def write_report(run: Run, sel: Selection, teachers, students, before, after) ->
     )
     if warnings:
         md += "\n" + "".join(f"**WARNING**: {w}\n" for w in warnings)
+    if guard is not None:
+        md += "\n" + guard_markdown(guard, run.task.english)
     if run.task.notes:
         md += "\n## Data notes\n\n" + "".join(f"- {n}\n" for n in run.task.notes)
     if run.ctx.is_main:

@@ -217,3 +217,25 @@ def make_copa_repo(root: Path, *, n: int = 8, seed: int = 0, **faults) -> Path:
     ``text("copa", column, idx, "en", split)``; faults use the language key ``"en"``.
     """
     return _write_repo(root, "copa", ["copa"], n, seed, faults, lang_of=lambda _: "en")
+
+
+def vocabulary(task: str, columns: Iterable[str], languages: Iterable[str], n: int) -> list[str]:
+    """Every word of the fixture texts (rows 0..n+1, all splits) and of the task's packaged
+    templates and verbalizers, as the tiny word-level tokenizers will split them: a tiny model
+    built on it knows every word a run needs (an unknown verbalizer word must be an error, not
+    an ``<unk>``)."""
+    from alsace_ds.prompts import load_prompts
+    from alsace_ds.tiny import _vocab_pieces
+
+    langs = list(languages)
+    splits = SPLITS["copa" if task == "copa" else task]
+    out = [text(task, c, i, lang, s) for c in columns for i in range(n + 2) for lang in langs
+           for s in splits]  # fmt: skip
+    prompt_task = "xcopa" if task == "copa" else task
+    prompt_langs = ["en"] if task == "copa" else langs
+    for prompt in load_prompts(prompt_task, prompt_langs).values():
+        for tpl in (prompt.template, prompt.classification):
+            parts = tpl if isinstance(tpl, list) else [tpl] if tpl else []
+            out += [p.replace("{", " ").replace("}", " ") for p in parts]
+        out += list(prompt.verbalizer) + list((prompt.question or {}).values())
+    return _vocab_pieces(out)

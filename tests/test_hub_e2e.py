@@ -15,14 +15,13 @@ import datasets
 import pytest
 import torch
 
-from _hub_fixtures import make_copa_repo, make_hub_repo, text
+from _hub_fixtures import make_copa_repo, make_hub_repo, vocabulary
 from _launch import launch
 from alsace_ds.config import ConfigError, load_config
 from alsace_ds.data import DataError
 from alsace_ds.models import encode_views, load_scorer
-from alsace_ds.prompts import load_prompts
 from alsace_ds.tasks import prepare_task
-from alsace_ds.tiny import _vocab_pieces, build_tiny_model
+from alsace_ds.tiny import build_tiny_model
 
 LANGS = ["en", "fr", "sw"]
 N = 24  # rows per split and language
@@ -45,14 +44,7 @@ def _offline(tmp_path_factory):
 
 
 def _words(task: str, columns: tuple[str, ...], langs: list[str]) -> list[str]:
-    """Every word of the fixture texts and of the task's templates, so the tiny word-level
-    tokenizers know them (an unknown verbalizer word must be an error, not an <unk>)."""
-    out = [text(task, c, i, lang, s) for c in columns for i in range(N + 2) for lang in langs
-           for s in ("train", "validation", "test")]  # fmt: skip
-    for prompt in load_prompts(task, langs).values():
-        parts = prompt.template if isinstance(prompt.template, list) else [prompt.template]
-        out += [p.replace("{", " ").replace("}", " ") for p in parts] + list(prompt.verbalizer)
-    return _vocab_pieces(out)
+    return vocabulary(task, columns, langs, N)
 
 
 @pytest.fixture(scope="module")

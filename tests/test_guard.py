@@ -1,0 +1,101 @@
+"""The stage-2 collapse guard: its sums against a naive loop, its decisions, and a real run
+whose distillation collapses (a learning rate far too high) being stopped and rolled back."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from _launch import run_single
+from alsace_ds.guard import Guard, monitor_metrics, monitor_sums
+
+LANGS = ["en", "fr", "sw"]
+
+
+def _random_views(seed=0, N=6, C=3):
+    g = torch.Generator().manual_seed(seed)
+    T = len(LANGS)
+    probs = torch.softmax(torch.randn(N * T, C, generator=g), -1)
+    perm = torch.randperm(N * T, generator=g)
+    return probs[perm], perm // T, perm % T, torch.randint(0, C, (N,), generator=g)
+
+
+def test_sums_split_across_ranks_equal_one_process_and_a_naive_loop():
+    probs, ex, lang, labels = _random_views()
+    N, T = 6, 3
+    whole = monitor_sums(probs, ex, lang, N, T, labels)
+    halves = [
+        monitor_sums(probs[s], ex[s], lang[s], N, T, labels) for s in (slice(0, 7), slice(7, None))
+    ]
+    for k in whole:
+        assert torch.allclose(whole[k], halves[0][k] + halves[1][k])
+    metrics, pred = monitor_metrics(whole, LANGS, "en", None)
+    for t, x in enumerate(LANGS):  # naive per-language loops
+        rows = [i for i in range(len(probs)) if lang[i] == t]
+        mean = sum(probs[i].double() for i in rows) / len(rows)
+        h = -sum(float(p) * math.log2(float(p)) for p in mean)
+        assert metrics["mean_prediction_entropy_bits"][x] == pytest.approx(h, abs=1e-9)
+        acc = 100 * sum(int(probs[i].argmax() == labels[ex[i]]) for i in rows) / len(rows)
+        assert metrics["accuracy"][x] == pytest.approx(acc)
+        for i in rows:
+            assert pred[ex[i], t] == probs[i].argmax()
+    cons = [100 * float((pred[:, t] == pred[:, 0]).double().mean()) for t in (1, 2)]
+    assert metrics["consistency"] == pytest.approx(sum(cons) / 2)
+    assert metrics["agreement_with_start"] == {x: 100.0 for x in LANGS}
+
+
+def _m(en, ent, cons):
+    return {"english_accuracy": en, "mean_prediction_entropy_bits": {"en": ent, "fr": ent},
+            "agreement_with_start": {"en": 100.0, "fr": 100.0}, "consistency": cons}  # fmt: skip
+
+
+def test_guard_decisions():
+    g = Guard(max_en_drop=2.0, min_entropy_ratio=0.5, patience=2)
+    assert g.check(_m(90, 1.5, 70), 0) == {
+        "healthy": True,
+        "improved": True,
+        "stop": False,
+        "problems": [],
+    }
+    assert g.check(_m(88.5, 1.2, 75), 2)["improved"]  # -1.5 points: still healthy
+    v = g.check(_m(87.9, 1.2, 90), 4)  # -2.1 points: unhealthy, not best despite consistency
+    assert not v["healthy"] and not v["improved"] and not v["stop"]
+    assert "English dev accuracy 87.90 < start 90.00 - 2" in v["problems"][0]
+    assert g.check(_m(89, 0.7, 95), 6)["problems"][0].startswith("en: mean-prediction entropy")
+    assert g.check(_m(89, 0.7, 95), 6)["stop"] is True  # third unhealthy in a row (patience 2)
+    assert g.best_step == 2 and g.best_score == 75
+    h = Guard()
+    h.load(json.loads(json.dumps(g.state())))
+    assert (h.best_step, h.bad_streak, h.start) == (2, g.bad_streak, g.start)
+
+
+def test_collapse_is_stopped_and_rolled_back(tmp_path, cache):
+    """lr 3e-3 collapses the tiny model within a few steps: the guard stops at the first check
+    and the reported "after" model is the start (so after == before), with the curves logged."""
+    out = tmp_path / "run"
+    res = run_single(
+        [f"run.output_dir={out}", "stage0.epochs=2", "distill.max_steps=30", "distill.lr=3e-3",
+         "distill.eval_every=3", "log.progress=false"],
+        cache,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    guard = report["guard"]
+    assert guard["stopped_early"] is True and guard["best_step"] == 0
+    steps = [c["step"] for c in guard["checks"]]
+    assert steps == [0, 3]
+    bad = guard["checks"][1]
+    assert (
+        not bad["healthy"] and bad["english_accuracy"] < guard["checks"][0]["english_accuracy"] - 2
+    )
+    assert guard["final_from"].endswith("stage0/best")
+    assert report["after"]["accuracy"] == report["before"]["accuracy"]
+    assert "## Collapse guard" in (out / "report.md").read_text()
+    ev = EventAccumulator(str(out / "tb")).Reload()
+    tags = ev.Tags()["scalars"]
+    assert "stage2/guard/english_dev_accuracy" in tags and "stage2/guard/consistency" in tags
+    assert [e.step for e in ev.Scalars("stage2/guard/english_dev_accuracy")] == [0, 3]
