@@ -29,7 +29,7 @@ from alsace_ds.evaluate import accuracy_counts, markdown_table, summarize
 from alsace_ds.guard import Guard, monitor_metrics, monitor_sums
 from alsace_ds.io import atomic_write_json, atomic_write_text
 from alsace_ds.report import states_of, table2, table3, to_csv, to_markdown
-from alsace_ds.selection import Selection, select_from_views
+from alsace_ds.selection import Selection, most_confident, select_from_views
 from alsace_ds.shm_cleanup import unlink_own_buffer
 from alsace_ds.tasks import TaskData
 from alsace_ds.tb import TBLogger
@@ -604,10 +604,8 @@ def english_self_training_step(run: Run, engine: Any, tok: Any):
     dense = torch.zeros(N, C, dtype=torch.float64)
     dense[idx] = probs.to(torch.float64)
     dense = dist.all_reduce_sum(dense, run.ctx)  # every rank: all N distributions
-    conf, label = dense.max(-1)
-    keep = conf.argsort(descending=True, stable=True)[: max(1, N // 2)].sort().values
+    keep, labels = most_confident(dense, 0.5)
     kept = [corpus.examples[i] for i in keep.tolist()]
-    labels = label[keep]
     run.say(f"self-training: kept the {len(kept)} most confident of {N} English pseudo-labels")
 
     def step(batch: list[int]) -> torch.Tensor:

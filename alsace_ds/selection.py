@@ -335,3 +335,17 @@ def select_teachers(
         languages,
         threshold=threshold,
     )
+
+
+def most_confident(probs: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    """Self-training's pseudo-labels (paper Table 4 baselines): the ``fraction`` of examples
+    whose top probability is highest (at least one; ties keep the earlier example), returned
+    in corpus order. probs ``[N, C]`` -> (indices ``[K]`` long, labels ``[K]`` long)."""
+    if probs.dim() != 2 or probs.shape[0] == 0:
+        raise ValueError(f"probs must be [N, C] with N > 0, got {list(probs.shape)}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    conf, label = probs.max(-1)
+    k = max(1, int(probs.shape[0] * fraction))
+    keep = conf.argsort(descending=True, stable=True)[:k].sort().values
+    return keep, label[keep]

@@ -103,7 +103,6 @@ from alsace_ds.assets import (
     build_folder,
     check_sha256,
     downloads_dir,
-    pip_download,
     read_marker,
     sha256_file,
     write_json,
@@ -184,21 +183,14 @@ def _index_download(dest: Path) -> None:
 
 
 def fetch_sdist(sdist_dir: Path | None = None) -> Path:
-    """``bigbench-1.0.0.tar.gz`` in ``sdist_dir`` (default ``<cache>/downloads``), downloaded
-    with ``pip download --no-deps --no-binary=:all:`` if missing, sha256-checked."""
+    """``bigbench-1.0.0.tar.gz`` in ``sdist_dir`` (default ``<cache>/downloads``), fetched from
+    the package index if missing, sha256-checked. Not with ``pip download``: pip >= 26 builds
+    the sdist's metadata (running its setup.py) and then refuses it for its direct-URL
+    dependency (bleurt), after ~30 s; only the archive is needed here."""
     sdist_dir = Path(sdist_dir) if sdist_dir is not None else downloads_dir()
     path = sdist_dir / SDIST_NAME
     if not path.is_file():
-        proc = pip_download(f"{PROJECT}=={VERSION}", sdist_dir, binary=False)
-        if not path.is_file():
-            lines = (proc.stderr or proc.stdout or "").strip().splitlines()
-            why = next((ln for ln in lines if ln.startswith("ERROR")), lines[-1] if lines else "")
-            print(
-                f"pip download {PROJECT}=={VERSION} left no archive (exit {proc.returncode}: "
-                f"{why}); fetching it from the package index instead",
-                file=sys.stderr,
-            )
-            _index_download(sdist_dir)
+        _index_download(sdist_dir)
     check_sha256(path, SDIST_SHA256)
     return path
 

