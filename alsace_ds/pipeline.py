@@ -557,6 +557,9 @@ class DevMonitor:
         }
 
 
+STAGE2_NAMES = {"alsace": "self-distillation", "english_self_training": "English self-training"}
+
+
 def stage2_distill(
     run: Run, engine: Any, tok: Any, teachers: list[str], students: list[str],
     monitor: DevMonitor | None,
@@ -566,7 +569,7 @@ def stage2_distill(
     n = len(run.task.unlabeled)
     plan = plan_steps(n, d.micro_batch, ctx.dp_world, d.epochs, d.grad_accum, d.max_steps)
     run.say(
-        f"stage 2: {d.method} on {n} parallel examples x {len(run.task.languages)} "
+        f"stage 2: {STAGE2_NAMES[d.method]} on {n} parallel examples x {len(run.task.languages)} "
         f"languages, {plan.total_optimizer_steps} optimizer steps, lr {d.lr:g}"
     )
     point = resume_point(run, "distill", engine)
