@@ -108,6 +108,10 @@ class ModelConfig:
     label_words: list[str] | None = None
     max_length: int = 128
     dropout: float | None = None  # None keeps the checkpoint's value
+    # Keep the input word embeddings fixed in both training stages (a common choice for
+    # zero-shot cross-lingual transfer; for a small model with a 250k vocabulary it is also
+    # most of the parameters, so most of the optimizer work and gradient traffic).
+    freeze_embeddings: bool = False
     # "auto": bf16 for mT5 (fp16 overflows in mT5), fp32 for XLM-R. Softmax / KL are fp32.
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
 

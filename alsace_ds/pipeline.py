@@ -218,6 +218,7 @@ def load_scorer_for(run: Run, source: str, ds_cfg: dict) -> tuple[Any, Any, list
     return load_for_stage(
         cfg.model.family, source, task.num_labels, task.label_words, cfg.model.dropout,
         cfg.model.resolved_dtype, ds_cfg, head=task.head, languages=task.prompt_languages,
+        freeze_embeddings=cfg.model.freeze_embeddings,
     )  # fmt: skip
 
 

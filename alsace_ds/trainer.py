@@ -62,6 +62,7 @@ def load_for_stage(
     ds_config: dict[str, Any],
     head: str | None = None,
     languages: list[str] | None = None,
+    freeze_embeddings: bool = False,
 ) -> tuple[LabelScorer, Any, list[str]]:
     # mT5 checkpoints keep lm_head separate from the shared embedding. transformers 5 decides
     # whether to untie them by comparing the two loaded tensors, and under zero.Init those are
@@ -70,7 +71,7 @@ def load_for_stage(
     # instead (costs one full CPU copy per rank while loading).
     init = zero3_init(ds_config) if family != "mt5" else contextlib.nullcontext()
     with init:
-        return load_scorer(
+        scorer, tok, warnings = load_scorer(
             family,
             source,
             num_labels,
@@ -80,6 +81,9 @@ def load_for_stage(
             dropout=dropout,
             dtype=DTYPES[dtype],
         )
+    if freeze_embeddings:  # before the optimizer is built: it only takes trainable parameters
+        scorer.hf_model.get_input_embeddings().weight.requires_grad_(False)
+    return scorer, tok, warnings
 
 
 def _no_decay(name: str, param: Tensor) -> bool:
