@@ -30,6 +30,9 @@ from alsace_ds.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "real-multiemo.yaml"
+# What build_assets() fills in configs/real-multiemo.yaml (the file alone is incomplete).
+ASSET_KEYS = ("model.name_or_path", "task.train_file", "task.unlabeled_file", "task.dev_file",
+              "task.test_file")  # fmt: skip
 VARIANTS = {
     "alsace": [],
     "no_selection": ["selection.teachers=[all]"],
