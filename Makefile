@@ -42,11 +42,19 @@ real: setup
 	$(PY) -m alsace_ds.real --seeds $(SEEDS) --out $(REAL_OUT) $(REAL_ARGS); \
 	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 
+# The benchmarks of docs/benchmarks.md (real e5-small; BENCH_ARGS e.g. --model tiny).
+BENCH_ARGS ?=
+bench: setup
+	mkdir -p runs/bench
+	for b in distill_throughput selection_bucketing zero_memory; do \
+	  $(PY) bench/$$b.py --out runs/bench/$$b.json $(BENCH_ARGS) || exit $$?; done; \
+	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+
 test: setup
 	$(VENV)/bin/pytest -q tests $(ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 
 lint: setup
-	$(VENV)/bin/ruff check alsace_ds tests && $(VENV)/bin/ruff format --check alsace_ds tests
+	$(VENV)/bin/ruff check alsace_ds tests bench && $(VENV)/bin/ruff format --check alsace_ds tests bench
 
 format: setup
 	$(VENV)/bin/ruff format alsace_ds tests && $(VENV)/bin/ruff check --fix alsace_ds tests
