@@ -762,7 +762,7 @@ def guard_markdown(guard: dict, english: str | None) -> str:
             f"{min(c['agreement_with_start'].values()):.1f} | {c['consistency']:.2f} | "
             f"{'yes' if c['healthy'] else 'NO: ' + '; '.join(c['problems'])} |"
         )
-    lines += ["", f"Best healthy check: step {guard['best_step']}; final model from "
+    lines += ["", f"Latest healthy check (kept): step {guard['best_step']}; final model from "
               f"{guard['final_from']}; stopped early: {guard['stopped_early']}.", ""]  # fmt: skip
     return "\n".join(lines)
 

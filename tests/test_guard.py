@@ -62,12 +62,16 @@ def test_guard_decisions():
         "problems": [],
     }
     assert g.check(_m(88.5, 1.2, 75), 2)["improved"]  # -1.5 points: still healthy
-    v = g.check(_m(87.9, 1.2, 90), 4)  # -2.1 points: unhealthy, not best despite consistency
+    v = g.check(_m(87.9, 1.2, 90), 4)  # -2.1 points: unhealthy, not kept
     assert not v["healthy"] and not v["improved"] and not v["stop"]
     assert "English dev accuracy 87.90 < start 90.00 - 2" in v["problems"][0]
     assert g.check(_m(89, 0.7, 95), 6)["problems"][0].startswith("en: mean-prediction entropy")
     assert g.check(_m(89, 0.7, 95), 6)["stop"] is True  # third unhealthy in a row (patience 2)
     assert g.best_step == 2 and g.best_score == 75
+    # the latest healthy check is kept even when its consistency is lower
+    k = Guard()
+    k.check(_m(90, 1.5, 80), 0)
+    assert k.check(_m(90, 1.5, 79), 5)["improved"] and k.best_step == 5
     h = Guard()
     h.load(json.loads(json.dumps(g.state())))
     assert (h.best_step, h.bad_streak, h.start) == (2, g.bad_streak, g.start)
