@@ -117,6 +117,10 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
         dist_backend=accelerator.communication_backend_name(),
         timeout=timedelta(seconds=timeout_s),
         auto_mpi_discovery=True,
+        # MPI discovery sets MASTER_PORT to this argument (default 29500), overriding the
+        # environment: honour an exported MASTER_PORT (slurm/common.sh derives one per job),
+        # or two MPI jobs on a node collide on 29500.
+        distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
     )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() == "cuda":

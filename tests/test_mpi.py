@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from _dist_helpers import free_port
 from _launch import TRAIN, child_env, run_cmd
 
 
@@ -17,8 +18,10 @@ def test_mpirun_two_ranks(tmp_path, cache):
     assert mpirun, "mpirun not found: install Debian's openmpi-bin (see .ci/run)"
     out = tmp_path / "run"
     env = child_env(cache)
+    env["MASTER_PORT"] = str(free_port())  # not DeepSpeed's fixed 29500: another job may hold it
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2"]
-    for name in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "ALSACE_CACHE", "PYTHONUNBUFFERED"):
+    for name in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "ALSACE_CACHE", "PYTHONUNBUFFERED",
+                 "MASTER_PORT"):  # fmt: skip
         cmd += ["-x", name]
     cmd += [sys.executable, str(TRAIN), f"run.output_dir={out}", "stage0.max_steps=3"]
     cmd += ["distill.max_steps=2", "log.progress=false", "eval.every_epoch=false"]
