@@ -344,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{args.grad_rtol} x max |grad| {c64['grad']['max_abs_grad']:.3g}"
             )
         del model
+        common.write_json(args.out, results)  # after each shape: a killed run keeps the rest
 
     rows, eq_rows = [], []
     for name, r in results["shapes"].items():
