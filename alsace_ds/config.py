@@ -187,7 +187,7 @@ class DistillConfig:
     guard_max_en_drop: float = 2.0  # points of English dev accuracy below the start
     guard_min_entropy_ratio: float = 0.5  # mean-prediction entropy vs the start, per language
     guard_patience: int = 1  # unhealthy checks in a row before stopping
-    keep_best: bool = True  # report and export the best healthy check (by consistency)
+    keep_best: bool = True  # report and export the latest healthy check (see alsace_ds.guard)
     # "alsace" (teacher selection + self-distillation) or the paper's Table 4 baseline
     # "english_self_training": pseudo-label the unlabeled English views, keep the most
     # confident half, fine-tune on them with cross-entropy (same lr/epochs/batch).

@@ -302,7 +302,7 @@ def write_json(path: str | os.PathLike | None, data: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
-def add_common_args(parser: Any, repeats: int = 3) -> None:
+def add_common_args(parser: Any, repeats: int = 3, threads: bool = True) -> None:
     parser.add_argument(
         "--model",
         default="e5",
@@ -314,9 +314,10 @@ def add_common_args(parser: Any, repeats: int = 3) -> None:
         "--repeats", type=int, default=repeats, help=f"timed repeats (median; default {repeats})"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of text and head (default 0)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
-    )
+    if threads:
+        parser.add_argument(
+            "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+        )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 

@@ -77,6 +77,7 @@ def launch(name: str, model_path: Path, args: argparse.Namespace, out_dir: Path)
         "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
         "--seq-len", str(args.seq_len), "--labels", str(args.labels),
         "--persistence-threshold", str(args.persistence_threshold), "--out-dir", str(out_dir),
+        "--seed", str(args.seed),
     ]  # fmt: skip
     env = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -158,7 +159,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Prints a Markdown table and the machine; --out writes everything as JSON.",
     )
-    common.add_common_args(p, repeats=1)
+    common.add_common_args(p, repeats=1, threads=False)  # ranks: 1 thread
     p.add_argument(
         "--configs",
         default=",".join(CONFIGS),

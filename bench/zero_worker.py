@@ -135,6 +135,7 @@ def main() -> None:
     p.add_argument("--labels", type=int, default=3)
     p.add_argument("--persistence-threshold", type=int, default=100000)
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     mem = {"start": _rss()}
@@ -159,6 +160,7 @@ def main() -> None:
     )
     ds_config = build_ds_config(cfg, cfg.stage0, ctx.world_size)
     mem["after_init"] = _rss()
+    torch.manual_seed(args.seed)  # a freshly initialised head is the same on every run
     scorer, tok, _ = load_for_stage(
         "xlmr", args.model_path, args.labels, None, 0.0, "fp32", ds_config
     )
@@ -168,7 +170,7 @@ def main() -> None:
                           warmup_steps=0)  # fmt: skip
     mem["after_engine"] = _rss()
 
-    gen = torch.Generator().manual_seed(1000 + ctx.rank)
+    gen = torch.Generator().manual_seed(1000 * args.seed + ctx.rank)
     special = torch.tensor(sorted(set(tok.all_special_ids)))
     step_s, losses = [], []
     for _ in range(args.steps):
