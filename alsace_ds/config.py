@@ -187,6 +187,8 @@ class DistillConfig:
     guard_max_en_drop: float = 2.0  # points of English dev accuracy below the start
     guard_min_entropy_ratio: float = 0.5  # mean-prediction entropy vs the start, per language
     guard_patience: int = 1  # unhealthy checks in a row before stopping
+    # Percent of dev examples on which every language must keep its start prediction (drift).
+    guard_min_agreement: float = 85.0
     keep_best: bool = True  # report and export the latest healthy check (see alsace_ds.guard)
     # "alsace" (teacher selection + self-distillation) or the paper's Table 4 baseline
     # "english_self_training": pseudo-label the unlabeled English views, keep the most
@@ -480,6 +482,8 @@ def validate(cfg: Config) -> list[str]:
         errors.append("distill.guard_max_en_drop: must be >= 0")
     if not 0.0 <= dd.guard_min_entropy_ratio <= 1.0:
         errors.append("distill.guard_min_entropy_ratio: must be in [0, 1]")
+    if not 0.0 <= dd.guard_min_agreement <= 100.0:
+        errors.append("distill.guard_min_agreement: must be a percentage in [0, 100]")
     _positive(errors, "distill.guard_patience", dd.guard_patience)
     s = cfg.selection
     if s.threshold is not None and not (0.0 < s.threshold <= 1.0):

@@ -497,7 +497,10 @@ class DevMonitor:
     def __init__(self, run: Run, source: str) -> None:
         d = run.cfg.distill
         self.run, self.source = run, source
-        self.guard = Guard(d.guard_max_en_drop, d.guard_min_entropy_ratio, d.guard_patience)
+        self.guard = Guard(
+            d.guard_max_en_drop, d.guard_min_entropy_ratio, d.guard_patience,
+            min_agreement=d.guard_min_agreement,
+        )  # fmt: skip
         self.path = run.run_dir / "distill_guard.json"
         self.best_dir = run.run_dir / "distill" / "best"
         self.reference: torch.Tensor | None = None  # [N, T] predictions at the start

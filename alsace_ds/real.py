@@ -107,6 +107,17 @@ def _stats(values: list[float]) -> dict:
     }
 
 
+def _group(report: dict, when: str, group: str, key: str) -> float | None:
+    """A group average of one report (None when the group is empty, e.g. no students)."""
+    entry = report[when]["averages"].get(group) or {}
+    return entry.get(key)
+
+
+def _stats_of(values: list[float | None]) -> dict | None:
+    kept = [v for v in values if v is not None]
+    return _stats(kept) if kept else None
+
+
 def summarize(out: Path) -> dict:
     """Mean and spread over seeds, per variant, from every ``report.json`` under ``out``."""
     rows: dict[str, list[dict]] = {}
@@ -116,26 +127,29 @@ def summarize(out: Path) -> dict:
     for name, reports in rows.items():
         first = reports[0]
         langs, en = first["languages"], first["english"]
-        entry: dict = {"seeds": len(reports), "teachers": [r["teachers"] for r in reports]}
+        entry: dict = {
+            "seeds": len(reports),
+            "teachers": [r["teachers"] for r in reports],
+            "method": first.get("method", "alsace"),
+        }
         for when in ("before", "after"):
-            avg = [r[when]["averages"]["all"] for r in reports]
             entry[when] = {
-                "avg_accuracy": _stats([a["accuracy"] for a in avg]),
-                "avg_gap": _stats([a["gap"] for a in avg]),
+                "avg_accuracy": _stats([_group(r, when, "all", "accuracy") for r in reports]),
+                "avg_gap": _stats([_group(r, when, "all", "gap") for r in reports]),
                 "english": _stats([r[when]["accuracy"][en] for r in reports]),
-                "students_accuracy": _stats(
-                    [r[when]["averages"]["students"]["accuracy"] or 0.0 for r in reports]
-                ),
+                **{
+                    f"{group}_{key}": _stats_of([_group(r, when, group, key) for r in reports])
+                    for group in ("teachers", "students")
+                    for key in ("accuracy", "gap")
+                },
                 "accuracy": {x: _stats([r[when]["accuracy"][x] for r in reports]) for x in langs},
+                "gap": {x: _stats([r[when]["gap"][x] for r in reports]) for x in langs if x != en},
             }
-        entry["delta_avg_accuracy"] = _stats(
-            [r["after"]["averages"]["all"]["accuracy"] - r["before"]["averages"]["all"]["accuracy"]
-             for r in reports]
-        )  # fmt: skip
-        entry["delta_avg_gap"] = _stats(
-            [r["after"]["averages"]["all"]["gap"] - r["before"]["averages"]["all"]["gap"]
-             for r in reports]
-        )  # fmt: skip
+        for key, group in (("delta_avg_accuracy", "accuracy"), ("delta_avg_gap", "gap")):
+            entry[key] = _stats(
+                [_group(r, "after", "all", group) - _group(r, "before", "all", group)
+                 for r in reports]
+            )  # fmt: skip
         entry["guard"] = [
             {"best_step": r["guard"]["best_step"], "stopped_early": r["guard"]["stopped_early"]}
             for r in reports
@@ -147,11 +161,16 @@ def summarize(out: Path) -> dict:
     return summary
 
 
-def _ms(s: dict) -> str:
-    return f"{s['mean']:.2f} ± {s['sd']:.2f}"
+def _ms(s: dict | None) -> str:
+    return "–" if s is None else f"{s['mean']:.2f} ± {s['sd']:.2f}"
+
+
+def _delta(s: dict) -> str:
+    return f"{s['mean']:+.2f} ± {s['sd']:.2f}"
 
 
 def summary_markdown(summary: dict) -> str:
+    """Mean ± sample sd over seeds: the headline table, teachers / students, per language."""
     lines = [
         "| method | seeds | avg acc before | avg acc after | Δ avg acc | avg gap before | "
         "avg gap after | Δ avg gap | en before | en after |",
@@ -161,21 +180,32 @@ def summary_markdown(summary: dict) -> str:
         b, a = e["before"], e["after"]
         lines.append(
             f"| {name} | {e['seeds']} | {_ms(b['avg_accuracy'])} | {_ms(a['avg_accuracy'])} | "
-            f"{e['delta_avg_accuracy']['mean']:+.2f} ± {e['delta_avg_accuracy']['sd']:.2f} | "
-            f"{_ms(b['avg_gap'])} | {_ms(a['avg_gap'])} | "
-            f"{e['delta_avg_gap']['mean']:+.2f} ± {e['delta_avg_gap']['sd']:.2f} | "
-            f"{_ms(b['english'])} | {_ms(a['english'])} |"
+            f"{_delta(e['delta_avg_accuracy'])} | {_ms(b['avg_gap'])} | {_ms(a['avg_gap'])} | "
+            f"{_delta(e['delta_avg_gap'])} | {_ms(b['english'])} | {_ms(a['english'])} |"
         )
-    if "alsace" in summary:
-        e = summary["alsace"]
-        langs = list(e["before"]["accuracy"])
+    lines += ["", "Teachers and students (each seed's own selection):", "",
+              "| method | teachers acc before | after | students acc before | after | "
+              "teachers gap before | after | students gap before | after |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, e in summary.items():
+        b, a = e["before"], e["after"]
+        cells = [_ms(x[f"{g}_{k}"]) for k in ("accuracy", "gap") for g in ("teachers", "students")
+                 for x in (b, a)]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if summary:
+        first = next(iter(summary.values()))
+        langs = list(first["before"]["accuracy"])
         head = "| | " + " | ".join(langs) + " |"
-        lines += ["", "Per language (ALSACE, mean over seeds):", "", head,
+        lines += ["", "Accuracy per language (mean ± sd over seeds):", "", head,
                   "|---" + "|---:" * len(langs) + "|"]  # fmt: skip
-        for when in ("before", "after"):
-            cells = [f"{e[when]['accuracy'][x]['mean']:.2f}" for x in langs]
-            lines.append(f"| {when} | " + " | ".join(cells) + " |")
-        lines += ["", "Teachers chosen per seed: " + "; ".join(",".join(t) for t in e["teachers"])]
+        rows = [("before (stage 0)", first["before"])]
+        rows += [(f"after {name}", e["after"]) for name, e in summary.items()]
+        for label, when in rows:
+            cells = [_ms(when["accuracy"][x]) for x in langs]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for name, e in summary.items():
+        sel = "; ".join(",".join(t) for t in e["teachers"])
+        lines += ["", f"Teachers per seed ({name}): {sel}"]
     return "\n".join(lines) + "\n"
 
 

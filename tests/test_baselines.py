@@ -69,4 +69,9 @@ def test_summary_mean_and_spread_over_seeds(tmp_path):
     assert s["before"]["avg_gap"]["sd"] == pytest.approx(2.1213203, abs=1e-6)
     assert s["delta_avg_gap"]["mean"] == pytest.approx(-4.75)
     assert s["after"]["accuracy"]["sw"]["mean"] == pytest.approx(75.0)
-    assert "| alsace | 2 |" in (tmp_path / "summary.md").read_text()
+    assert s["after"]["students_accuracy"]["mean"] == pytest.approx(75.0)  # sw: 76, 74
+    assert s["after"]["students_accuracy"]["sd"] == pytest.approx(2**0.5)
+    assert s["after"]["teachers_accuracy"] is None  # the hand-made reports have no such group
+    assert s["after"]["gap"]["fr"]["mean"] == pytest.approx(8.0)  # 90-82, 91-83
+    md = (tmp_path / "summary.md").read_text()
+    assert "| alsace | 2 |" in md and "| after alsace | 90.50 ± 0.71 | 82.50 ± 0.71 |" in md

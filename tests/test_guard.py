@@ -72,6 +72,19 @@ def test_guard_decisions():
     k = Guard()
     k.check(_m(90, 1.5, 80), 0)
     assert k.check(_m(90, 1.5, 79), 5)["improved"] and k.best_step == 5
+    # drift: English and the entropies fine, but fr changed 20% of its predictions
+    d = Guard(min_agreement=85.0)
+    d.check(_m(90, 1.5, 80), 0)
+    drift = _m(91, 1.5, 85)
+    drift["agreement_with_start"] = {"en": 90.0, "fr": 80.0}
+    v = d.check(drift, 5)
+    assert not v["healthy"] and v["stop"] and d.best_step == 0
+    assert v["problems"] == [
+        "fr: agrees with its start predictions on 80.0% of dev examples < 85% (drifting)"
+    ]
+    off = Guard(min_agreement=0.0)
+    off.check(_m(90, 1.5, 80), 0)
+    assert off.check(drift, 5)["healthy"]
     h = Guard()
     h.load(json.loads(json.dumps(g.state())))
     assert (h.best_step, h.bad_streak, h.start) == (2, g.bad_streak, g.start)
