@@ -211,8 +211,10 @@ def summary_markdown(summary: dict) -> str:
         head = "| | " + " | ".join(langs) + " |"
         lines += ["", "Accuracy per language (mean ± sd over seeds):", "", head,
                   "|---" + "|---:" * len(langs) + "|"]  # fmt: skip
-        rows = [("before (stage 0)", first["before"])]
-        rows += [(f"after {name}", e["after"]) for name, e in summary.items()]
+        n = first["seeds"]
+        rows = [(f"before (stage 0, {n} seed{'s' * (n > 1)})", first["before"])]
+        rows += [(f"after {name} ({e['seeds']} seed{'s' * (e['seeds'] > 1)})", e["after"])
+                 for name, e in summary.items()]  # fmt: skip
         for label, when in rows:
             cells = [_ms(when["accuracy"][x]) for x in langs]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
