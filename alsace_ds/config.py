@@ -187,8 +187,10 @@ class DistillConfig:
     guard_max_en_drop: float = 2.0  # points of English dev accuracy below the start
     guard_min_entropy_ratio: float = 0.5  # mean-prediction entropy vs the start, per language
     guard_patience: int = 1  # unhealthy checks in a row before stopping
-    # Percent of dev examples on which every language must keep its start prediction (drift).
-    guard_min_agreement: float = 85.0
+    # Percent of dev examples on which every language must keep its start prediction (drift);
+    # 0 = off. Off by default: with a large gap, real gains change many predictions (the
+    # embedded default moves 23% of a student's predictions while its accuracy rises).
+    guard_min_agreement: float = 0.0
     keep_best: bool = True  # report and export the latest healthy check (see alsace_ds.guard)
     # "alsace" (teacher selection + self-distillation) or the paper's Table 4 baseline
     # "english_self_training": pseudo-label the unlabeled English views, keep the most
