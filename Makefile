@@ -16,7 +16,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test real bench lint format clean-shm
+.PHONY: setup run test real bench gpu-check lint format clean-shm
 
 $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ bench: setup
 	for b in distill_throughput selection_bucketing zero_memory; do \
 	  $(PY) bench/$$b.py --out runs/bench/$$b.json $(BENCH_ARGS) || exit $$?; done; \
 	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+
+# On a GPU machine (no network, no venv needed): bench/gpu_check.sh; prepare its wheels here
+# first with `bench/gpu_check.sh prepare` (bench/README.md, "gpu_check").
+GPU_ARGS ?=
+gpu-check:
+	bench/gpu_check.sh $(GPU_ARGS)
 
 test: setup
 	$(VENV)/bin/pytest -q tests $(ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc

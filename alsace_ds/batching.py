@@ -22,23 +22,26 @@ def epoch_order(n: int, seed: int | None) -> list[int]:
 
 
 def train_batches(
-    n: int, micro_batch: int, rank: int, world: int, seed: int | None
+    n: int, micro_batch: int, rank: int, world: int, seed: int | None, grad_accum: int = 1
 ) -> list[list[int]]:
     """This rank's micro-batches (example indices) for one epoch.
 
-    Step s covers positions ``[s*world*micro, (s+1)*world*micro)`` of the epoch order and
-    rank r takes its ``micro`` slice of it; the order is wrapped around to fill the last step.
+    Optimizer step s covers positions ``[s*G, (s+1)*G)`` of the epoch order, with
+    ``G = micro * world * grad_accum`` (the order is wrapped around to fill the last step);
+    its micro-step j gives rank r the ``micro`` positions at ``s*G + (j*world + r)*micro``.
+    So an epoch is ``ceil(n / G)`` optimizer steps, and which examples a step trains on
+    depends only on ``G``, not on how it is split into ranks and micro-steps: the same preset
+    runs the same steps on 1 GPU or 32.
     """
     if n <= 0:
         raise ValueError("no examples to train on")
     order = epoch_order(n, seed)
-    per_step = micro_batch * world
+    per_micro = micro_batch * world
+    per_step = per_micro * grad_accum
     steps = math.ceil(n / per_step)
     padded = [order[i % n] for i in range(steps * per_step)]
-    return [
-        padded[s * per_step + rank * micro_batch : s * per_step + (rank + 1) * micro_batch]
-        for s in range(steps)
-    ]
+    starts = (m * per_micro + rank * micro_batch for m in range(steps * grad_accum))
+    return [padded[a : a + micro_batch] for a in starts]
 
 
 def view_batches(

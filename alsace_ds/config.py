@@ -134,12 +134,16 @@ class Stage0Config:
     init_from: str | None = None  # skip stage 0 and start from this fine-tuned HF folder
     epochs: float = 3.0
     lr: float = 2e-5
-    micro_batch: int = 16  # examples per rank per micro-step
+    micro_batch: int = 16  # examples per rank per micro-step (with global_batch: at most)
     grad_accum: int = 1
-    # Examples per optimizer step over all ranks: sets grad_accum = global_batch /
-    # (micro_batch x data-parallel ranks) at launch (must divide). Presets use it, so that
-    # the paper's batch holds on any number of GPUs.
+    # Examples per optimizer step over all ranks. At launch each data-parallel rank gets
+    # global_batch / ranks of them (must be whole), split into micro-steps of the largest size
+    # <= micro_batch that divides that share; grad_accum is the rest. Presets use it, so the
+    # paper's batch holds on any number of GPUs (README, "Presets on any cluster").
     global_batch: int | None = None
+    # Learning rate after warm-up: "linear" decays to 0 at the last step; "constant" stays at
+    # lr (DeepSpeed's WarmupLR, the authors' stage-2 schedule). Warm-up is linear.
+    schedule: Literal["linear", "constant"] = "linear"
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_steps: int | None = None
@@ -169,19 +173,24 @@ class DistillConfig:
     micro_batch: int = 8  # examples per rank per micro-step; each brings all its language views
     grad_accum: int = 1
     global_batch: int | None = None  # examples per optimizer step (as in stage0)
+    schedule: Literal["linear", "constant"] = "linear"  # as in stage0
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_steps: int | None = None
     # Ranks per view group: the group shares each example and splits its language views
     # (one forward per rank over its views, then a differentiable all-gather); 1 = every rank
-    # holds all views of its own examples. Must divide the world size.
-    view_parallel_size: int = 1
+    # holds all views of its own examples. Must divide the world size. "auto": the smallest
+    # size that divides the world and leaves a data-parallel world dividing global_batch
+    # (e.g. 24 ranks, global_batch 32: 3 -> 8 view groups of 4 examples), else 1.
+    view_parallel_size: int | Literal["auto"] = 1
     pairs: Literal["ordered", "unordered"] = "ordered"
     direction: Literal["forward", "reverse"] = "forward"
     detach_teacher: bool = False
-    # Dev checks: optimizer steps between them (0 = at epoch ends only). Each check feeds the
-    # collapse guard (alsace_ds.guard): English dev accuracy, mean-prediction entropy,
-    # agreement with the start, cross-lingual consistency; no target-language labels.
+    # Dev checks: optimizer steps between them (0 = at epoch ends). With eval_every > 0 the
+    # checks are at the start, every eval_every steps and at the end, not at epoch ends (a
+    # 100-epoch preset would otherwise check 100 times). Each check feeds the collapse guard
+    # (alsace_ds.guard): English dev accuracy, mean-prediction entropy, agreement with the
+    # start, cross-lingual consistency; no target-language labels.
     eval_every: int = 0
     guard: bool = True  # stop early when unhealthy; needs a dev set
     guard_max_en_drop: float = 2.0  # points of English dev accuracy below the start
@@ -242,6 +251,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, _type_name(tp)
+    )
+
+
 def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     """Check/convert ``value`` against annotation ``tp``; append problems to ``errors``."""
     origin = typing.get_origin(tp)
@@ -253,7 +270,15 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: must not be null")
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where, errors)
+        if len(inner) == 1:
+            return _convert(value, inner[0], where, errors)
+        for option in inner:  # e.g. int | Literal["auto"]: the first that accepts the value
+            trial: list[str] = []
+            out = _convert(value, option, where, trial)
+            if not trial:
+                return out
+        errors.append(f"{where}: expected {' or '.join(map(_describe, inner))}, got {value!r}")
+        return value
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -476,7 +501,8 @@ def validate(cfg: Config) -> list[str]:
             errors.append(f"{name}.warmup_ratio: must be in [0, 1), got {st.warmup_ratio}")
         if st.weight_decay < 0:
             errors.append(f"{name}.weight_decay: must be >= 0, got {st.weight_decay}")
-    _positive(errors, "distill.view_parallel_size", cfg.distill.view_parallel_size)
+    if cfg.distill.view_parallel_size != "auto":
+        _positive(errors, "distill.view_parallel_size", cfg.distill.view_parallel_size)
     dd = cfg.distill
     if dd.eval_every < 0:
         errors.append("distill.eval_every: must be >= 0")
@@ -517,30 +543,78 @@ def validate(cfg: Config) -> list[str]:
     return errors
 
 
+def auto_view_parallel(world: int, global_batch: int | None) -> int:
+    """``view_parallel_size: auto``: the smallest view-group size that divides ``world`` and
+    leaves a data-parallel world dividing ``global_batch`` (1 without a global batch). One
+    always exists: size ``world`` leaves one group, which takes any batch."""
+    if global_batch is None:
+        return 1
+    return next(
+        v for v in range(1, world + 1) if world % v == 0 and global_batch % (world // v) == 0
+    )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def split_batch(global_batch: int, micro_cap: int, dp: int) -> tuple[int, int] | None:
+    """``(micro_batch, grad_accum)`` that give each of ``dp`` data-parallel ranks
+    ``global_batch / dp`` examples per optimizer step, in micro-steps of the largest size
+    <= ``micro_cap`` that divides that share; None when the share is not whole."""
+    if global_batch % dp:
+        return None
+    share = global_batch // dp
+    micro = max(d for d in _divisors(share) if d <= micro_cap)
+    return micro, share // micro
+
+
 def with_world(cfg: Config, world: int) -> Config:
-    """Resolve ``global_batch`` into ``grad_accum`` for a launch of ``world`` ranks (the
+    """Resolve the batch layout for a launch of ``world`` ranks: ``distill.view_parallel_size:
+    auto`` (see :func:`auto_view_parallel`), and each stage's ``global_batch`` into
+    ``micro_batch`` x ``grad_accum`` per data-parallel rank (:func:`split_batch`; the
     distillation's examples are shared by each view group, so its data-parallel ranks are
-    ``world / view_parallel_size``). Raises ConfigError when it does not divide."""
+    ``world / view_parallel_size``). Raises ConfigError, naming what would work, when a global
+    batch cannot be split evenly."""
     problems: list[str] = []
-    new = {}
+    new: dict[str, Any] = {}
+    d = cfg.distill
+    vp = d.view_parallel_size
+    if vp == "auto":
+        vp = auto_view_parallel(world, d.global_batch)
+        new["distill"] = dataclasses.replace(d, view_parallel_size=vp)
     for name in ("stage0", "distill"):
-        st = getattr(cfg, name)
-        if st.global_batch is None:
+        st = new.get(name, getattr(cfg, name))
+        if st.global_batch is None or (name == "stage0" and not st.enabled):
             continue
-        vp = getattr(st, "view_parallel_size", 1)
-        dp = max(world // vp, 1)
-        per_step = st.micro_batch * dp
-        if st.global_batch % per_step:
-            problems.append(
-                f"{name}.global_batch: {st.global_batch} is not a multiple of micro_batch "
-                f"{st.micro_batch} x {dp} data-parallel rank(s); change {name}.micro_batch"
-            )
+        dp = max(world // (vp if name == "distill" else 1), 1)
+        split = split_batch(st.global_batch, st.micro_batch, dp)
+        if split is None:
+            problems.append(_split_problem(name, st.global_batch, world, vp))
             continue
-        accum = st.global_batch // per_step
-        new[name] = dataclasses.replace(st, grad_accum=accum, global_batch=None)
+        micro, accum = split
+        new[name] = dataclasses.replace(st, micro_batch=micro, grad_accum=accum, global_batch=None)
     if problems:
         raise ConfigError(problems, "batch sizes")
     return dataclasses.replace(cfg, **new)
+
+
+def _split_problem(name: str, batch: int, world: int, vp: int) -> str:
+    ranks = ", ".join(map(str, _divisors(batch)))
+    multiple = -(-batch // world) * world  # the smallest multiple of world >= batch
+    if name == "stage0":
+        return (
+            f"stage0.global_batch: {batch} examples per step do not split evenly over {world} "
+            f"ranks; it runs on {ranks} ranks (the divisors of {batch}). On {world} ranks set "
+            f"stage0.global_batch to a multiple of {world} (e.g. {multiple}), or fine-tune "
+            "elsewhere and pass stage0.enabled=false stage0.init_from=<model folder>"
+        )
+    return (
+        f"distill.global_batch: {batch} examples per step do not split evenly over "
+        f"{world // vp} view groups ({world} ranks / view_parallel_size {vp}); set "
+        "distill.view_parallel_size=auto (it picks a group size that does), or a global_batch "
+        f"that {world // vp} divides"
+    )
 
 
 PRESETS_DIR = REPO_ROOT / "configs" / "presets"

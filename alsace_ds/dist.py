@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+class LaunchError(RuntimeError):
+    """The processes were started in a way that cannot work (wrong device, CPU with GPUs)."""
+
 
 #: Environment variables that show the process was started by an MPI launcher.
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
@@ -102,6 +108,82 @@ def _default_single_process_env() -> None:
     )
 
 
+def _mpi_discovery_keeping_master_addr(port: int) -> None:
+    """Under an MPI launcher, DeepSpeed's discovery fills RANK/WORLD_SIZE/LOCAL_RANK from MPI
+    but also replaces MASTER_ADDR by the first address of rank 0's ``hostname -I``, which on a
+    multi-homed node (Infiniband + Ethernet + docker bridges) may be unreachable from the
+    other nodes. Run that discovery here and keep an exported MASTER_ADDR (slurm/common.sh
+    exports the allocation's first host)."""
+    required = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+    if not any(name in os.environ for name in _MPI_ENV) or all(n in os.environ for n in required):
+        return
+    from deepspeed.comm.comm import mpi_discovery
+
+    exported = os.environ.get("MASTER_ADDR")
+    mpi_discovery(distributed_port=port, verbose=False)
+    if exported:
+        os.environ["MASTER_ADDR"] = exported
+
+
+#: Variables through which Slurm hands GPUs to a job, and the values that mean "none".
+#: (Not CUDA_VISIBLE_DEVICES: the deepspeed launcher sets it to 0..N-1 even on the CPU.)
+SLURM_GPU_ENV = {
+    "SLURM_STEP_GPUS": ("", "NoDevFiles", "none"),
+    "SLURM_JOB_GPUS": ("", "NoDevFiles", "none"),
+    "SLURM_GPUS_ON_NODE": ("", "0"),
+}
+
+
+def gpus_given(env: Mapping[str, str], dev: Path = Path("/dev")) -> str | None:
+    """What shows that this process was given GPUs (a Slurm GPU variable, or NVIDIA device
+    files not hidden by ``CUDA_VISIBLE_DEVICES=-1``/empty), or None."""
+    for name, none in SLURM_GPU_ENV.items():
+        value = env.get(name, "").strip()
+        if value not in none:
+            return f"{name}={value}"
+    devices = sorted(dev.glob("nvidia[0-9]*"))
+    hidden = env.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if devices and not hidden:
+        return f"{len(devices)} NVIDIA device(s) in {dev}"
+    return None
+
+
+def check_not_cpu_with_gpus(accelerator: str, env: Mapping[str, str]) -> None:
+    """A job that was given GPUs must not train on the CPU (an inherited DS_ACCELERATOR=cpu,
+    a CPU build of torch): it would run ~100x slower and look fine. ALSACE_ALLOW_CPU=1 (set by
+    slurm/common.sh for ALSACE_CPU=1 jobs) says the CPU is meant."""
+    given = gpus_given(env)
+    if accelerator != "cpu" or given is None or env.get("ALSACE_ALLOW_CPU") == "1":
+        return
+    why = (
+        f"DS_ACCELERATOR={env['DS_ACCELERATOR']} is set"
+        if env.get("DS_ACCELERATOR") == "cpu"
+        else "torch sees no CUDA device (a CPU build of torch, or no driver)"
+    )
+    raise LaunchError(
+        f"this process was given GPUs ({given}) but DeepSpeed's accelerator is the CPU ({why}); "
+        "refusing to train on the CPU. Unset DS_ACCELERATOR / install a CUDA build of torch, or "
+        "set ALSACE_ALLOW_CPU=1 to run on the CPU anyway"
+    )
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of this rank among the ``visible`` ones: its local rank when the
+    process sees every GPU of the node (torchrun, deepspeed), 0 when it sees exactly one
+    (``srun --gpus-per-task=1`` or a per-rank CUDA_VISIBLE_DEVICES, where LOCAL_RANK would
+    name a device that does not exist)."""
+    if visible < 1:
+        raise LaunchError("no CUDA device is visible to this process")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise LaunchError(
+        f"LOCAL_RANK {local_rank} but this process sees only {visible} CUDA devices: start one "
+        "rank per visible GPU, or give each rank one GPU (--gpus-per-task=1)"
+    )
+
+
 def init_distributed(timeout_s: float = 600.0) -> DistContext:
     """Initialise the default process group through DeepSpeed and describe this process.
 
@@ -113,19 +195,23 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
 
     _default_single_process_env()
     accelerator = get_accelerator()
+    check_not_cpu_with_gpus(accelerator.device_name(), os.environ)
+    # MPI discovery sets MASTER_PORT to this port (default 29500), overriding the environment:
+    # honour an exported MASTER_PORT (slurm/common.sh derives one per job), or two MPI jobs on
+    # a node collide on 29500.
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    _mpi_discovery_keeping_master_addr(port)
     deepspeed.init_distributed(
         dist_backend=accelerator.communication_backend_name(),
         timeout=timedelta(seconds=timeout_s),
         auto_mpi_discovery=True,
-        # MPI discovery sets MASTER_PORT to this argument (default 29500), overriding the
-        # environment: honour an exported MASTER_PORT (slurm/common.sh derives one per job),
-        # or two MPI jobs on a node collide on 29500.
-        distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
+        distributed_port=port,
     )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() == "cuda":
-        accelerator.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        index = device_index(local_rank, torch.cuda.device_count())
+        accelerator.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     return DistContext(
@@ -183,6 +269,16 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     return box[0]
 
 
+def decide(read: Callable[[], Any], ctx: DistContext) -> Any:
+    """``read()`` run on rank 0 only, its (picklable) result handed to every rank.
+
+    For decisions taken from files (skip a finished stage, which model is best, which
+    checkpoint tag is committed): on a shared filesystem ranks can see different states
+    (caches, a write in flight), and ranks that decide differently run different collectives
+    and hang. One reader, one answer."""
+    return broadcast_object(read() if ctx.rank == 0 else None, ctx)
+
+
 def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:
     """Every rank's picklable ``obj``, indexed by rank."""
     if not _active(ctx):
@@ -190,6 +286,17 @@ def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_partitions(part: Tensor, numel: int, ctx: DistContext) -> Tensor:
+    """Concatenate every rank's equal-size flat ``part`` (a ZeRO-3 partition) in rank order
+    and keep the first ``numel`` elements (the rest is the partitions' padding)."""
+    if not _active(ctx):
+        return part.reshape(-1)[:numel].clone()
+    local = part.detach().reshape(-1).to(ctx.device)
+    parts = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts)[:numel]
 
 
 def with_view_groups(ctx: DistContext, view_size: int) -> DistContext:
@@ -213,6 +320,30 @@ def with_view_groups(ctx: DistContext, view_size: int) -> DistContext:
     return replace(ctx, view_size=view_size, view_group=mine)
 
 
+class _GatherViews(torch.autograd.Function):
+    """All-gather along dim 1 whose backward sums every member's gradient of each slot into
+    its owner (a reduce-scatter, done as all-reduce + slice: the tensors are [B, T, C], tiny).
+
+    Not ``torch.distributed.nn.functional.all_gather``: on gloo its backward scatters with the
+    GROUP rank as the source where torch expects a GLOBAL rank, so every view group but the
+    first fails ("Global rank 0 is not part of group"; seen with 2 view groups of 2)."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, group: Any) -> Tensor:  # noqa: ANN001 - autograd API
+        ctx.group, ctx.width = group, local.shape[1]
+        ctx.member = dist.get_rank(group=group)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001 - autograd API
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        lo = ctx.member * ctx.width
+        return total[:, lo : lo + ctx.width], None
+
+
 def gather_views(local: Tensor, ctx: DistContext) -> Tensor:
     """Differentiable all-gather of the view group's label distributions.
 
@@ -223,7 +354,4 @@ def gather_views(local: Tensor, ctx: DistContext) -> Tensor:
     """
     if ctx.view_size == 1:
         return local
-    from torch.distributed.nn.functional import all_gather
-
-    parts = all_gather(local.contiguous(), group=ctx.view_group)  # view_size x [B, T_local, C]
-    return torch.cat(parts, dim=1)
+    return _GatherViews.apply(local, ctx.view_group)

@@ -74,17 +74,44 @@ def fill_auto(template: dict[str, Any], values: dict[str, Any], source: str) -> 
     return cfg
 
 
+# Always written, whether or not the template names them: mixed precision must never be left
+# to a template that forgot the section.
+INJECTED = ("torch_autocast.enabled", "torch_autocast.dtype")
+
+
 def stage_values(cfg: Config, stage: Stage0Config | DistillConfig, dp_world: int) -> dict[str, Any]:
-    """The values our config decides, keyed by their dotted DeepSpeed path."""
+    """The values our config decides, keyed by their dotted DeepSpeed path.
+
+    ``model.dtype: bf16`` is bf16 *compute* with fp32 *parameters*: DeepSpeed's
+    ``torch_autocast`` (the module stays fp32, its forward runs under ``torch.autocast``),
+    never DeepSpeed's ``bf16`` mode, whose module holds a bf16 copy of the fp32 master
+    weights. With that copy, evaluation and export would see only updates larger than half a
+    bf16 step (~0.4% of a weight): at the paper's learning rates, none. With fp32 parameters
+    the evaluated, kept and exported model IS the master (see README, "Precision")."""
     ds = cfg.deepspeed
+    bf16 = cfg.model.resolved_dtype == "bf16"
     return {
         "train_micro_batch_size_per_gpu": stage.micro_batch,
         "gradient_accumulation_steps": stage.grad_accum,
         "train_batch_size": stage.micro_batch * stage.grad_accum * dp_world,
         "gradient_clipping": ds.gradient_clipping,
-        "bf16.enabled": cfg.model.resolved_dtype == "bf16",
+        "bf16.enabled": False,
+        "torch_autocast.enabled": bf16,
+        "torch_autocast.dtype": "bfloat16",
         "zero_optimization.stage3_param_persistence_threshold": ds.param_persistence_threshold,
     }
+
+
+def _refuse_bf16_weights(template: dict[str, Any], source: str) -> None:
+    present, value = _get(template, "bf16.enabled")
+    if present and value is True:
+        raise ConfigError(
+            [f"{source}: 'bf16.enabled' is true, which trains a bf16 copy of the weights and "
+             "evaluates/exports it, losing every update below half a bf16 step; this trainer "
+             "keeps fp32 weights and computes in bf16 with torch_autocast: set model.dtype=bf16 "
+             "and write \"auto\" (or false) there"],
+            source,
+        )  # fmt: skip
 
 
 def build_ds_config(
@@ -96,6 +123,8 @@ def build_ds_config(
     under view parallelism (where a view group of V ranks shares each micro-batch of
     examples and DeepSpeed's gradient average over all ranks equals the mean over groups)."""
     vp = getattr(stage, "view_parallel_size", 1)
+    if vp == "auto":
+        raise ValueError("view_parallel_size 'auto' is resolved by config.with_world first")
     if dp_world % vp:
         raise ConfigError(
             [f"distill.view_parallel_size: {vp} does not divide the world size {dp_world}"]
@@ -104,6 +133,10 @@ def build_ds_config(
     template = load_template(source)
     if cfg.deepspeed.zero_stage is not None:
         template.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    _refuse_bf16_weights(template, source)
+    for key in INJECTED:
+        if not _get(template, key)[0]:
+            _set(template, key, "auto")
     filled = fill_auto(template, stage_values(cfg, stage, dp_world), source)
     micro = filled["train_micro_batch_size_per_gpu"]
     accum = filled["gradient_accumulation_steps"]

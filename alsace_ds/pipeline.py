@@ -9,8 +9,9 @@ Face folders) and ``tb/`` (TensorBoard events).
 
 from __future__ import annotations
 
-import gc
+import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +29,9 @@ from alsace_ds.ds_config import build_ds_config
 from alsace_ds.evaluate import accuracy_counts, markdown_table, summarize
 from alsace_ds.guard import Guard, monitor_metrics, monitor_sums
 from alsace_ds.io import atomic_write_json, atomic_write_text
+from alsace_ds.movement import change_stats, update_bound
 from alsace_ds.report import states_of, table2, table3, to_csv, to_markdown
+from alsace_ds.schedules import authors_update, lr_sum
 from alsace_ds.selection import Selection, most_confident, select_from_views
 from alsace_ds.shm_cleanup import unlink_own_buffer
 from alsace_ds.tasks import TaskData
@@ -47,7 +50,10 @@ from alsace_ds.trainer import (
     plan_steps,
     predict_probs,
     progress,
+    rank0_state_dict,
+    release_engine,
     save_checkpoint,
+    trainable_names,
 )
 
 
@@ -183,8 +189,11 @@ def stage0_finetune(run: Run) -> str:
     )
     total = plan.total_optimizer_steps
     engine = build_engine(
-        scorer, ds_cfg, st.lr, st.weight_decay, total, int(st.warmup_ratio * total)
+        scorer, ds_cfg, st.lr, st.weight_decay, total, int(st.warmup_ratio * total), st.schedule
     )
+    del scorer  # the engine holds the module; release_engine must free the last reference
+    moves = Movement.take(run, "stage0", engine, st, total)
+    moves.warn_if_stuck("stage0")
     run.say(
         f"stage 0: English fine-tuning on {len(train)} examples, {total} optimizer steps "
         f"(ZeRO-{ds_cfg['zero_optimization']['stage']}, {ctx.world_size} rank(s))"
@@ -208,8 +217,12 @@ def stage0_finetune(run: Run) -> str:
             on_dev=best.update if best else None,
         )  # fmt: skip
         save_stage(run, "stage0", engine, plan.total_micro, complete=True)
-    out = export_hf(engine, tok, run.run_dir / "stage0" / "model", ctx)
+    out = run.run_dir / "stage0" / "model"
+    change = moves.report(export_hf(engine, tok, out, ctx), engine.global_steps)
+    if ctx.is_main:
+        atomic_write_json(run.run_dir / "stage0" / "param_change.json", change)
     run.say(f"stage 0 done: model exported to {out}")
+    release_engine(engine)
     return stage0_source(run)
 
 
@@ -217,7 +230,7 @@ def load_scorer_for(run: Run, source: str, ds_cfg: dict) -> tuple[Any, Any, list
     cfg, task = run.cfg, run.task
     return load_for_stage(
         cfg.model.family, source, task.num_labels, task.label_words, cfg.model.dropout,
-        cfg.model.resolved_dtype, ds_cfg, head=task.head, languages=task.prompt_languages,
+        ds_cfg, head=task.head, languages=task.prompt_languages,
         freeze_embeddings=cfg.model.freeze_embeddings,
     )  # fmt: skip
 
@@ -226,9 +239,8 @@ def stage0_source(run: Run) -> str:
     """The stage-0 model that stage 2 starts from: the best by dev accuracy when one was
     kept (``stage0.keep_best``), else the last."""
     best = run.run_dir / "stage0" / "best"
-    if run.cfg.stage0.keep_best and (best / "config.json").is_file():
-        return str(best)
-    return str(run.run_dir / "stage0" / "model")
+    keep = run.cfg.stage0.keep_best and dist.decide((best / "config.json").is_file, run.ctx)
+    return str(best) if keep else str(run.run_dir / "stage0" / "model")
 
 
 @dataclass
@@ -250,8 +262,8 @@ class BestKeeper:
         metric = st.best_metric if run.task.english is not None else "average"
         keeper = cls(run, run.run_dir / "stage0" / "best", metric)
         info = keeper.folder.parent / "best.json"
-        if run.cfg.run.resume == "auto" and info.is_file():  # a resumed stage keeps its best
-            keeper.best = float(yaml.safe_load(info.read_text())["value"])
+        if run.cfg.run.resume == "auto":  # a resumed stage keeps its best (rank 0 reads it)
+            keeper.best = dist.decide(partial(_best_value, info), run.ctx)
         return keeper
 
     def value(self, summ: dict) -> float:
@@ -273,6 +285,75 @@ class BestKeeper:
             )
         self.run.say(f"new best {self.metric} dev accuracy {value:.2f} at step {step}")
         return False
+
+
+def _best_value(info: Path) -> float | None:
+    return float(yaml.safe_load(info.read_text())["value"]) if info.is_file() else None
+
+
+STAGE_TITLES = {"stage0": "stage 0 (English fine-tuning)", "stage2": "stage 2 (distillation)"}
+
+
+@dataclass
+class Movement:
+    """A training stage's start weights (rank 0's CPU copy of the trainable ones), how far
+    its schedule can move them (:func:`alsace_ds.movement.update_bound`, rank 0) and, at the
+    end, how far they moved (:meth:`report`). A stage that cannot change the model is warned
+    about before it runs; TensorBoard ``<stage>/params/...`` and the report hold the figures."""
+
+    run: Run
+    stage: str  # "stage0" | "stage2"
+    start: dict[str, torch.Tensor] | None
+    bound: dict | None
+
+    @classmethod
+    def take(cls, run: Run, stage: str, engine: Any, st: Any, total: int) -> Movement:
+        start = rank0_state_dict(engine, run.ctx, trainable_names(engine))  # ZeRO-3: collective
+        bound = None
+        if run.ctx.is_main:
+            warm = int(st.warmup_ratio * total)
+            most = lr_sum(st.schedule, total, warm, st.lr)
+            bound = update_bound(start, most, run.cfg.model.resolved_dtype)
+            bound.update(steps=total, peak_lr=st.lr, schedule=st.schedule, warmup_steps=warm)
+        return cls(run, stage, start, bound)
+
+    def warn_if_stuck(self, section: str) -> None:
+        b = self.bound
+        if b is None:
+            return
+        self.run.tb.scalar(f"{self.stage}/params/update_bound", b["bound"], 0)
+        self.run.tb.scalar(f"{self.stage}/params/relative_update_bound", b["relative_bound"], 0)
+        if b["cannot_change"]:
+            self.run.say(
+                f"WARNING: {STAGE_TITLES[self.stage]} cannot change the model: "
+                f"{b['cannot_change']}. Raise {section}.lr or {section}.epochs (the presets' "
+                "stage-2 schedules reproduce the paper's total update: README, 'Stage-2 "
+                "schedule')."
+            )
+
+    def report(self, end: dict[str, torch.Tensor] | None, step: int) -> dict | None:
+        """Compare the exported end weights (rank 0) with the start; None on other ranks."""
+        if not self.run.ctx.is_main:
+            return None
+        stats = change_stats(self.start, end, self.run.cfg.model.resolved_dtype)
+        stats["bound"] = self.bound
+        for key in ("relative_change", "changed_share", "changed_share_compute", "max_abs_change"):
+            self.run.tb.scalar(f"{self.stage}/params/{key}", stats[key], step)
+        self.run.say(
+            f"{STAGE_TITLES[self.stage]} moved the weights by ||delta||/||theta|| = "
+            f"{stats['relative_change']:.3g} (max |delta| {stats['max_abs_change']:.3g}); "
+            f"{100 * stats['changed_share']:.2f}% of them changed"
+        )
+        self.start = None  # free the CPU copy
+        return stats
+
+
+def _stage0_change(run: Run) -> dict | None:
+    """Stage 0's parameter change, kept beside its model (a resumed run skips the stage)."""
+    info = run.run_dir / "stage0" / "param_change.json"
+    if not (run.ctx.is_main and run.cfg.stage0.enabled and info.is_file()):
+        return None
+    return json.loads(info.read_text())
 
 
 def train_loop(
@@ -302,12 +383,12 @@ def train_loop(
     last_epoch = (start - 1) // plan.micro_per_epoch if start else 0
     ctx = run.ctx  # data parallel across view groups (a group shares its examples)
     batches = micro_batches(n, st.micro_batch, ctx.dp_rank, ctx.dp_world, seed, plan, start)
-    every = getattr(st, "eval_every", 0)
+    every = getattr(st, "eval_every", 0)  # > 0: checks every `every` steps, not at epoch ends
     stopped = False
     for micro, epoch, batch in batches:
         if epoch != last_epoch:
             last_epoch = epoch
-            if after_dev(run, engine, tok, stage, roles, on_dev):
+            if not every and after_dev(run, engine, tok, stage, roles, on_dev):
                 stopped = True
                 break
         losses.append(step(batch))
@@ -317,8 +398,7 @@ def train_loop(
         if (micro + 1) % st.grad_accum == 0:
             last = micro + 1 == plan.total_micro
             step_boundary(run, stage, engine, micro + 1, last=last)
-            at_epoch_end = (micro + 1) % plan.micro_per_epoch == 0  # checked at the next epoch
-            if every and engine.global_steps % every == 0 and not last and not at_epoch_end:
+            if every and engine.global_steps % every == 0 and not last:
                 if after_dev(run, engine, tok, stage, roles, on_dev):
                     stopped = True
                     break
@@ -381,7 +461,8 @@ def step_boundary(run: Run, stage: str, engine: Any, micro: int, last: bool) -> 
 
 def resume_point(run: Run, stage: str, engine: Any) -> dict:
     """Load the stage's latest committed checkpoint into ``engine`` (``run.resume: auto``)."""
-    tag = latest_tag(ckpt_dir(run, stage)) if run.cfg.run.resume == "auto" else None
+    folder = ckpt_dir(run, stage)
+    tag = dist.decide(lambda: latest_tag(folder), run.ctx) if run.cfg.run.resume == "auto" else None
     if tag is None:
         return {"micro": 0, "complete": False}
     client = load_checkpoint(engine, ckpt_dir(run, stage), tag, run.ctx)
@@ -505,10 +586,13 @@ class DevMonitor:
         self.best_dir = run.run_dir / "distill" / "best"
         self.reference: torch.Tensor | None = None  # [N, T] predictions at the start
         self.stopped_early = False
-        if run.cfg.run.resume == "auto" and self.path.is_file():
-            state = json.loads(self.path.read_text())
-            self.guard.load(state["guard"])
-            self.reference = torch.tensor(state["reference"], dtype=torch.long)
+        if run.cfg.run.resume == "auto":  # rank 0 reads the saved state, every rank gets it
+            path = self.path
+            state = dist.decide(lambda: json.loads(path.read_text()) if path.is_file() else None,
+                                run.ctx)  # fmt: skip
+            if state is not None:
+                self.guard.load(state["guard"])
+                self.reference = torch.tensor(state["reference"], dtype=torch.long)
 
     def __call__(self, engine: Any, tok: Any, dev: DevResult, step: int) -> bool:
         task = self.run.task
@@ -566,16 +650,27 @@ STAGE2_NAMES = {"alsace": "self-distillation", "english_self_training": "English
 
 def stage2_distill(
     run: Run, engine: Any, tok: Any, teachers: list[str], students: list[str],
-    monitor: DevMonitor | None,
+    monitor: DevMonitor | None, moves: Movement,
 ) -> None:  # fmt: skip
     cfg, ctx = run.cfg, run.ctx
     d = cfg.distill
     n = len(run.task.unlabeled)
+    T = len(run.task.languages)
     plan = plan_steps(n, d.micro_batch, ctx.dp_world, d.epochs, d.grad_accum, d.max_steps)
+    total = plan.total_optimizer_steps
+    theirs = authors_update(T, len(teachers), n) if teachers else None
+    if moves.bound is not None and theirs is not None:
+        moves.bound["authors_equivalent"] = dataclasses.asdict(theirs)
+    most = lr_sum(d.schedule, total, int(d.warmup_ratio * total), d.lr)
     run.say(
-        f"stage 2: {STAGE2_NAMES[d.method]} on {n} parallel examples x {len(run.task.languages)} "
-        f"languages, {plan.total_optimizer_steps} optimizer steps, lr {d.lr:g}"
-    )
+        f"stage 2: {STAGE2_NAMES[d.method]} on {n} parallel examples x {T} languages, {total} "
+        f"optimizer steps, lr {d.lr:g} ({d.schedule}): Adam moves a weight by at most the sum "
+        f"of the learning rates, {most:.3g}"
+        + (f"; the authors' recipe for this pair set ({theirs.pairs} pairs of {len(teachers)} "
+           f"teachers, {theirs.steps} steps x lr {theirs.lr:g}) sums to {theirs.lr_sum:.3g}"
+           if theirs else "")
+    )  # fmt: skip
+    moves.warn_if_stuck("distill")
     point = resume_point(run, "distill", engine)
     if point["complete"]:
         return
@@ -584,7 +679,7 @@ def stage2_distill(
     if d.method == "english_self_training":
         step, n = english_self_training_step(run, engine, tok)
         # The same optimizer steps (compute, lr schedule) as ALSACE, over the kept half.
-        per_epoch = -(-n // (d.micro_batch * ctx.dp_world))
+        per_epoch = d.grad_accum * -(-n // (d.micro_batch * ctx.dp_world * d.grad_accum))
         plan = StepPlan(per_epoch, plan.total_micro, plan.grad_accum)
     else:
         step = partial(distill_step, run, engine, tok, teachers=teachers)
@@ -675,6 +770,10 @@ def run_pipeline(cfg: Config, task: TaskData, ctx: dist.DistContext) -> dict:
     run = Run(
         cfg, task, ctx, run_dir, TBLogger(run_dir / "tb", cfg.log.tensorboard and ctx.is_main)
     )
+    addr = f"{os.environ.get('MASTER_ADDR', '-')}:{os.environ.get('MASTER_PORT', '-')}"
+    run.say(
+        f"{ctx.world_size} rank(s) on {ctx.device.type} (rank 0: {ctx.device}), rendezvous {addr}"
+    )
     torch.manual_seed(cfg.run.seed)
     try:
         report = _run_stages(run)
@@ -688,20 +787,26 @@ def _run_stages(run: Run) -> dict:
     cfg, task, ctx = run.cfg, run.task, run.ctx
     source = task.model_source
     if cfg.stage0.enabled:
-        done = run.run_dir / "stage0" / "model"
-        resumed = cfg.run.resume == "auto" and (done / "config.json").is_file()
+        done = run.run_dir / "stage0" / "model" / "config.json"
+        resumed = cfg.run.resume == "auto" and dist.decide(done.is_file, ctx)
         source = stage0_source(run) if resumed else stage0_finetune(run)  # exports are atomic
         run.say(f"stage 2 starts from {source}")
-    gc.collect()  # the stage-0 engine is unreachable now; free it before building the next
     d = cfg.distill
     run.ctx = ctx = dist.with_view_groups(ctx, d.view_parallel_size)
+    if ctx.view_size > 1:
+        run.say(f"stage 2 layout: {ctx.dp_world} data-parallel group(s) x {ctx.view_size} "
+                "rank(s) sharing each example's language views")  # fmt: skip
     ds_cfg = build_ds_config(cfg, d, ctx.world_size)
     scorer, tok, _ = load_scorer_for(run, source, ds_cfg)
     plan = plan_steps(
         len(task.unlabeled), d.micro_batch, ctx.dp_world, d.epochs, d.grad_accum, d.max_steps
     )
     total = plan.total_optimizer_steps
-    engine = build_engine(scorer, ds_cfg, d.lr, d.weight_decay, total, int(d.warmup_ratio * total))
+    engine = build_engine(
+        scorer, ds_cfg, d.lr, d.weight_decay, total, int(d.warmup_ratio * total), d.schedule
+    )
+    del scorer  # the engine holds the module; release_engine must free the last reference
+    moves = Movement.take(run, "stage2", engine, d, total) if d.enabled else None
 
     before_stats = evaluate(run, engine, tok, task.test, "evaluate (before)")
     sel, teachers, students = stage1_select(run, engine, tok)
@@ -709,23 +814,29 @@ def _run_stages(run: Run) -> dict:
     log_summary(run, "eval/before", before, 0)
 
     after, guard = None, None
+    changes = {"stage0": _stage0_change(run)}
     if d.enabled:
-        monitor = DevMonitor(run, source) if task.dev is not None and d.guard else None
-        stage2_distill(run, engine, tok, teachers, students, monitor)
-        best = monitor.best_source(engine.global_steps) if monitor else None
+        checks = task.dev is not None and cfg.eval.every_epoch  # no dev checks: no guard
+        monitor = DevMonitor(run, source) if checks and d.guard else None
+        stage2_distill(run, engine, tok, teachers, students, monitor, moves)
+        steps = engine.global_steps
+        best = monitor.best_source(steps) if monitor else None
         if best is not None:  # the guard kept an earlier, healthy model: report that one
             run.say(f"stage 2: the final model is the best healthy check, {best}")
+            release_engine(engine)
             del engine
-            gc.collect()
             scorer, tok, _ = load_scorer_for(run, best, ds_cfg)
             engine = build_engine(scorer, ds_cfg, d.lr, d.weight_decay, total, 0)
+            del scorer
         after = summary(
             run, evaluate(run, engine, tok, task.test, "evaluate (after)"), teachers, students
         )
-        log_summary(run, "eval/after", after, engine.global_steps)
-        export_hf(engine, tok, run.run_dir / "final" / "model", ctx)
+        log_summary(run, "eval/after", after, steps)
+        final = export_hf(engine, tok, run.run_dir / "final" / "model", ctx)
+        changes["stage2"] = moves.report(final, steps)
         guard = monitor.summary(best or "last step") if monitor else None
-    return write_report(run, sel, teachers, students, before, after, guard)
+    release_engine(engine)
+    return write_report(run, sel, teachers, students, before, after, guard, changes)
 
 
 def health_warnings(before: dict, after: dict | None, english: str | None) -> list[str]:
@@ -777,7 +888,36 @@ def _stage0_best(run: Run) -> dict | None:
     return yaml.safe_load(info.read_text())
 
 
-def write_report(run: Run, sel: Selection, teachers, students, before, after, guard=None) -> dict:
+def movement_markdown(changes: dict) -> str:
+    """The parameter change of each stage beside what its schedule could do at most."""
+    rows = [(k, v) for k, v in changes.items() if v]
+    if not rows:
+        return ""
+    dtype = rows[0][1]["compute_dtype"]
+    lines = [
+        "## How far training moved the weights (trainable ones, fp32 master)",
+        "",
+        f"| stage | steps | peak lr | schedule | Σ lr (max Adam move) | bound on ‖Δ‖/‖θ‖ | "
+        f"‖Δ‖/‖θ‖ | weights changed | changed in {dtype} | max abs Δ |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage, c in rows:
+        b = c.get("bound") or {}
+        lines.append(
+            f"| {stage} | {b.get('steps', '')} | {b.get('peak_lr', 0):.3g} | "
+            f"{b.get('schedule', '')} | {b.get('bound', 0):.3g} | "
+            f"{b.get('relative_bound', 0):.3g} | {c['relative_change']:.3g} | "
+            f"{100 * c['changed_share']:.2f}% | {100 * c['changed_share_compute']:.2f}% | "
+            f"{c['max_abs_change']:.3g} |"
+        )
+    notes = [f"- **WARNING** {s}: {c['bound']['cannot_change']}" for s, c in rows
+             if (c.get("bound") or {}).get("cannot_change")]  # fmt: skip
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def write_report(
+    run: Run, sel: Selection, teachers, students, before, after, guard=None, changes=None
+) -> dict:
     roles = {x: ("teacher" if x in teachers else "student") for x in run.task.languages}
     warnings = health_warnings(before, after, run.task.english)
     report = {
@@ -798,6 +938,7 @@ def write_report(run: Run, sel: Selection, teachers, students, before, after, gu
         "data_notes": run.task.notes,
         "method": run.cfg.distill.method,
         "guard": guard,
+        "param_change": changes or {},
     }
     states = states_of(before, after, run.cfg.model.name_or_path.rstrip("/").split("/")[-1])
     tables = {"table2": table2(states, run.task.english), "table3": table3(states)}
@@ -819,6 +960,8 @@ def write_report(run: Run, sel: Selection, teachers, students, before, after, gu
     )
     if warnings:
         md += "\n" + "".join(f"**WARNING**: {w}\n" for w in warnings)
+    if changes and any(changes.values()):
+        md += "\n" + movement_markdown(changes)
     if guard is not None:
         md += "\n" + guard_markdown(guard, run.task.english)
     if run.task.notes:

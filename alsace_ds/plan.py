@@ -9,10 +9,14 @@ recommendation.
 Formulas (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter
 Models", SC'20, sec. 3.1 and 5; Ψ = parameter count, N = data-parallel world = nodes x GPUs):
 
-- 16-bit mixed precision Adam (``--dtype bf16``): 2Ψ params + 2Ψ grads + KΨ optimizer state
-  with K = 12 (fp32 master weights 4 + Adam momentum 4 + variance 4).
-- fp32 Adam (``--dtype fp32``): 4Ψ params + 4Ψ grads + 8Ψ optimizer state (two fp32 moments;
-  the parameters are their own master copy).
+- fp32 Adam (``--dtype fp32``, the default): 4Ψ params + 4Ψ grads + 8Ψ optimizer state (two
+  fp32 moments; the parameters are their own master copy). This is what alsace_ds trains with
+  in BOTH its dtypes: ``model.dtype: bf16`` is bf16 *compute* (DeepSpeed's torch_autocast) on
+  fp32 parameters, so that the evaluated and exported model is the master (README,
+  "Precision"); only activations and ZeRO-3's parameter gathers are 16-bit.
+- 16-bit mixed precision Adam (``--dtype bf16``, a what-if: DeepSpeed's bf16 mode, the ZeRO
+  paper's accounting): 2Ψ params + 2Ψ grads + KΨ optimizer state with K = 12 (fp32 master
+  weights 4 + Adam momentum 4 + variance 4).
 
 Per GPU, with P, G, K the three byte multipliers above:
 
@@ -591,7 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpu-mem", type=float, default=None, help="GiB of host RAM per node")
     ap.add_argument("--headroom", type=float, default=0.2, help="fraction kept for activations")
     ap.add_argument("--stage", type=int, choices=(0, 1, 2, 3), help="the stage you plan to use")
-    ap.add_argument("--dtype", choices=DTYPES, help="bf16 (mixed precision) or fp32")
+    ap.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="fp32 (default: the states alsace_ds keeps, in fp32 and bf16-compute runs alike) "
+        "or bf16 (16-bit weights, DeepSpeed's bf16 mode: a what-if)",
+    )
     ap.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's estimators")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     return ap
@@ -608,7 +617,7 @@ def _from_config(path: str) -> tuple[str, str, str]:
         from alsace_ds.tasks import cache_dir
 
         name = str(build_embedded(cache_dir(), cfg.model.family).model_dir)
-    return name, cfg.model.family, cfg.model.resolved_dtype
+    return name, cfg.model.family, "fp32"  # fp32 states whatever model.dtype computes in
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             c_model, c_family, c_dtype = _from_config(args.config)
             model, family, dtype = model or c_model, family or c_family, dtype or c_dtype
-        dtype = dtype or "bf16"
+        dtype = dtype or "fp32"
         count = resolve_params(model, args.params, family)
         if args.largest_layer is not None:
             count = ParamCount(count.total, int(args.largest_layer), count.source)

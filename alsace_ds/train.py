@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
@@ -16,8 +17,10 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher
 
 from alsace_ds.config import ConfigError, config_path, load_config, with_world  # noqa: E402
 from alsace_ds.data import DataError  # noqa: E402
+from alsace_ds.dist import LaunchError, init_distributed, shutdown  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+SILENT_RANK_EXIT_DELAY_S = 10.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +50,15 @@ def launcher_world_size() -> int:
     return 1
 
 
+def launcher_rank() -> int:
+    """This process's global rank as the launcher announced it (0 when unknown): before the
+    process group exists, only rank 0 prints an error, not every rank."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def check_batches(cfg, world: int) -> None:
     from alsace_ds.ds_config import build_ds_config
 
@@ -67,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         from alsace_ds.pipeline import check_resume
 
         check_resume(cfg)
-        from alsace_ds.dist import init_distributed
-
         ctx = init_distributed(cfg.deepspeed.timeout_s)
         if ctx.world_size != expected:
             # e.g. an MPI whose PMI does not match Slurm's: every task would become its own
@@ -80,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                 "launch",
             )  # fmt: skip
         check_batches(cfg, ctx.world_size)  # the real world, e.g. after MPI discovery
-    except (ConfigError, DataError) as exc:
-        print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
+    except (ConfigError, DataError, LaunchError) as exc:
+        if launcher_rank() == 0:
+            print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
+        else:
+            # Silent, and not first out: launchers kill every rank as soon as one exits, and
+            # rank 0 (found the same problem) must have printed it by then.
+            time.sleep(SILENT_RANK_EXIT_DELAY_S)
         return 2
     from alsace_ds import signals
     from alsace_ds.pipeline import run_pipeline
@@ -93,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print(f"alsace_ds: {stop}; checkpoint committed, run again to resume", flush=True)
         return signals.EXIT_PREEMPTED
+    finally:
+        shutdown()  # the process group is destroyed on every exit path
     return 0
 
 

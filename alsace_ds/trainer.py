@@ -8,9 +8,10 @@ gathers line up across ranks. Collectives go through ``alsace_ds.dist``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,7 @@ from alsace_ds.data import View
 from alsace_ds.ds_config import zero_stage
 from alsace_ds.io import atomic_write_text
 from alsace_ds.models import LabelScorer, encode_views, load_scorer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
+from alsace_ds.schedules import lr_factor
 
 # ----------------------------------------------------------------------------- model + engine
 
@@ -58,7 +57,6 @@ def load_for_stage(
     num_labels: int,
     label_words: list[list[str]] | None,
     dropout: float | None,
-    dtype: str,
     ds_config: dict[str, Any],
     head: str | None = None,
     languages: list[str] | None = None,
@@ -69,6 +67,9 @@ def load_for_stage(
     # empty partitions that compare equal, so the head would silently be TIED to the embedding
     # (a different model). mT5 is therefore loaded whole and partitioned by deepspeed.initialize
     # instead (costs one full CPU copy per rank while loading).
+    # Parameters are always fp32, whatever model.dtype says: bf16 is a compute dtype
+    # (DeepSpeed's torch_autocast, see ds_config.stage_values), so the module holds the master
+    # weights that are evaluated and exported.
     init = zero3_init(ds_config) if family != "mt5" else contextlib.nullcontext()
     with init:
         scorer, tok, warnings = load_scorer(
@@ -79,7 +80,7 @@ def load_for_stage(
             label_words=label_words,
             languages=languages,
             dropout=dropout,
-            dtype=DTYPES[dtype],
+            dtype=torch.float32,
         )
     if freeze_embeddings:  # before the optimizer is built: it only takes trainable parameters
         scorer.hf_model.get_input_embeddings().weight.requires_grad_(False)
@@ -100,18 +101,6 @@ def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> t
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the peak lr, then linear decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        return max(0.0, (total_steps - step) / span)
-
-    return factor
-
-
 def build_engine(
     module: LabelScorer,
     ds_config: dict[str, Any],
@@ -119,17 +108,39 @@ def build_engine(
     weight_decay: float,
     total_steps: int,
     warmup_steps: int,
+    schedule: str = "linear",
 ) -> Any:
-    """A DeepSpeed engine with a torch AdamW (no JIT-compiled DeepSpeed optimizer needed)."""
+    """A DeepSpeed engine with a torch AdamW (no JIT-compiled DeepSpeed optimizer needed) and
+    the ``schedule`` of :func:`alsace_ds.schedules.lr_factor`."""
     optimizer = make_optimizer(module, lr, weight_decay)
-    schedule = linear_schedule(total_steps, warmup_steps)
+    factor = lr_factor(schedule, total_steps, warmup_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         config=ds_config,
     )
     return engine
+
+
+def release_engine(engine: Any) -> None:
+    """Free an engine that is replaced: DeepSpeed's ``destroy`` drops its optimizer state,
+    hooks and buffers (ZeRO keeps references of its own, so ``del`` alone frees nothing);
+    the caller drops its last references and the accelerator's cache is emptied."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero import parameter_offload
+
+    module = engine.module
+    engine.destroy()
+    engine.optimizer = engine.lr_scheduler = None
+    # ZeRO-3 pushes the engine's module onto a module-global stack at set-up and never pops
+    # it (destroy() neither): without this, the module, its partitions and, through each
+    # parameter's _z3_optimizer, the optimizer state stay alive for the whole process.
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not module]
+    del module
+    gc.collect()
+    get_accelerator().empty_cache()
 
 
 def current_lr(engine: Any) -> float:
@@ -155,7 +166,8 @@ class StepPlan:
 def plan_steps(
     n: int, micro_batch: int, world: int, epochs: float, grad_accum: int, max_steps: int | None
 ) -> StepPlan:
-    per_epoch = math.ceil(n / (micro_batch * world))
+    # Whole optimizer steps per epoch (see batching.train_batches): ceil(n / global batch).
+    per_epoch = grad_accum * math.ceil(n / (micro_batch * world * grad_accum))
     total = max(1, math.ceil(per_epoch * epochs))
     # Finish on an optimizer-step boundary so no accumulated gradient is left behind.
     total = math.ceil(total / grad_accum) * grad_accum
@@ -173,7 +185,7 @@ def micro_batches(
     epoch = start // plan.micro_per_epoch
     micro = epoch * plan.micro_per_epoch
     while micro < plan.total_micro:
-        for batch in train_batches(n, micro_batch, rank, world, seed + epoch):
+        for batch in train_batches(n, micro_batch, rank, world, seed + epoch, plan.grad_accum):
             if micro == plan.total_micro:
                 return
             if micro >= start:
@@ -314,23 +326,63 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, ctx: dist.DistContext
     return client or {}
 
 
-def gathered_state_dict(engine: Any) -> dict[str, Tensor]:
-    """Full (unpartitioned) weights of the wrapped LabelScorer on every rank, on CPU."""
-    module = engine.module
-    params = list(module.parameters())
-    ctx = (
-        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        if zero_stage(engine.config) == 3
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+def _full_param(param: Tensor, ctx: dist.DistContext) -> Tensor:
+    """The whole fp32 value of a ZeRO-3 parameter on every rank (collective). Trainable
+    ones come from the optimizer's fp32 partitions (``safe_get_full_fp32_param``): the plain
+    parameter gather would send autocast's Linear weights in bf16 (their ``comm_dtype``) and
+    round away the very updates that must be exported."""
+    from deepspeed.runtime.torch_autocast import get_comm_dtype
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if param.requires_grad:
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            return full
+    if get_comm_dtype(param) != param.ds_tensor.dtype:  # frozen, gathered at low precision
+        return dist.all_gather_partitions(param.ds_tensor, param.ds_numel, ctx).view(param.ds_shape)
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        return param.data.clone()
 
 
-def export_hf(engine: Any, tokenizer: Any, out_dir: Path, ctx: dist.DistContext) -> Path:
+def rank0_state_dict(
+    engine: Any, ctx: dist.DistContext, names: Sequence[str] | None = None
+) -> dict[str, Tensor] | None:
+    """The wrapped LabelScorer's full fp32 weights (the master: parameters are fp32, see
+    ``load_for_stage``) as CPU tensors on rank 0, None on the others; ``names`` restricts it
+    to those state-dict keys. ZeRO-3 gathers one parameter at a time (every rank takes part;
+    only rank 0 keeps a copy, so a node holds one CPU copy of the model, not one per GPU);
+    ZeRO 0-2 copy rank 0's replica, no communication."""
+    state = engine.module.state_dict(keep_vars=True)
+    zero3 = zero_stage(engine.config) == 3
+    out: dict[str, Tensor] = {}
+    first: dict[int, str] = {}  # tied weights appear under several keys: gathered once, by
+    for key, value in state.items():  # every rank (the same keys in the same order)
+        if names is not None and key not in names:
+            continue
+        if id(value) in first:
+            if ctx.is_main:
+                out[key] = out[first[id(value)]]
+            continue
+        first[id(value)] = key
+        full = _full_param(value, ctx) if zero3 and hasattr(value, "ds_id") else value.detach()
+        if ctx.is_main:
+            out[key] = full.to("cpu", copy=True)
+        del full
+    return out if ctx.is_main else None
+
+
+def trainable_names(engine: Any) -> list[str]:
+    """State-dict keys of the parameters the optimizer updates (tied ones once)."""
+    return [n for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def export_hf(
+    engine: Any, tokenizer: Any, out_dir: Path, ctx: dist.DistContext
+) -> dict[str, Tensor] | None:
     """Save the model as a plain Hugging Face folder (``from_pretrained`` loads it without
-    this project), atomically: written to a temp folder by rank 0, then renamed."""
-    state = gathered_state_dict(engine)  # collective under ZeRO-3: every rank takes part
+    this project), atomically: written to a temp folder by rank 0, then renamed. Returns the
+    exported fp32 weights on rank 0 (None elsewhere) for the parameter-change report."""
+    state = rank0_state_dict(engine, ctx)  # collective under ZeRO-3: every rank takes part
     if ctx.is_main:
         hf_state = {k.removeprefix("hf_model."): v for k, v in state.items()}
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -344,7 +396,7 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: Path, ctx: dist.DistContext)
         else:
             os.rename(tmp, out_dir)
     dist.barrier(ctx)
-    return out_dir
+    return state
 
 
 def _rmtree(path: Path) -> None:

@@ -161,9 +161,7 @@ def main() -> None:
     ds_config = build_ds_config(cfg, cfg.stage0, ctx.world_size)
     mem["after_init"] = _rss()
     torch.manual_seed(args.seed)  # a freshly initialised head is the same on every run
-    scorer, tok, _ = load_for_stage(
-        "xlmr", args.model_path, args.labels, None, 0.0, "fp32", ds_config
-    )
+    scorer, tok, _ = load_for_stage("xlmr", args.model_path, args.labels, None, 0.0, ds_config)
     mem["after_load"] = _rss()
     peak_after_load = _peak_rss()
     engine = build_engine(scorer, ds_config, lr=1e-5, weight_decay=0.01, total_steps=100,

@@ -10,7 +10,9 @@
 #   NPROC_PER_NODE=N   ranks per node (default: the GPUs Slurm gives each node)
 #   LAUNCHER=torchrun  default; `mpi`: srun one task per GPU (--mpi=$SRUN_MPI, default pmix)
 #                      with DeepSpeed's MPI discovery (needs mpi4py); `mpirun`: Open MPI's mpirun
-#   ALSACE_CPU=1       CPU-only allocation: DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1
+#   ALSACE_CPU=1       CPU-only allocation: DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1 (without it,
+#                      an inherited DS_ACCELERATOR=cpu is refused: a GPU job never runs on CPU)
+#   LAUNCHERS_PER_NODE=K  simulate K nodes per node (tests; submit with --ntasks-per-node=K)
 #   ALSACE_DRY_RUN=1   print the launch command and exit 0 (checks the allocation wiring)
 #   MASTER_PORT=P      rendezvous port (default 20000 + job id % 20000)
 #   ALSACE_ROOT=DIR    repository root (default: the submit directory)

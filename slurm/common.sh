@@ -5,7 +5,7 @@
 #   "$@"       the user's arguments: key=value overrides and/or --config FILE
 # Environment a user may set (see the header of alsace_mt5.sh):
 #   CONFIG, NPROC_PER_NODE, LAUNCHER (torchrun|mpi|mpirun), ALSACE_CPU, ALSACE_DRY_RUN,
-#   MASTER_PORT, PYTHON, SRUN_MPI.
+#   MASTER_PORT, PYTHON, SRUN_MPI, LAUNCHERS_PER_NODE.
 
 die() { echo "alsace-slurm: $*" >&2; exit 1; }
 
@@ -25,12 +25,22 @@ GPUS_PER_NODE=${NPROC_PER_NODE:-$gpus}
   || die "no GPUs per node known (got '$GPUS_PER_NODE'): request --gpus-per-node or set NPROC_PER_NODE"
 NNODES=${SLURM_NNODES:-1}
 CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-$GPUS_PER_NODE}
+# torchrun launchers per allocated node (1 on a real cluster). K > 1 simulates K nodes on each
+# node, e.g. two "nodes" of 2 ranks on a one-node test cluster: submit with
+# --ntasks-per-node=K; each launcher is one srun task and its node rank is the task's rank.
+LAUNCHERS_PER_NODE=${LAUNCHERS_PER_NODE:-1}
+[[ $LAUNCHERS_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "LAUNCHERS_PER_NODE must be >= 1"
 
 # --- CPU-only allocation: DeepSpeed's CPU accelerator (gloo); one thread per rank, since
 # more threads per rank only contend for the cores. On GPUs: split the task's cores.
 if [[ ${ALSACE_CPU:-0} == 1 ]]; then
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+  # ALSACE_ALLOW_CPU: the ranks refuse the CPU when they see GPUs unless it is meant.
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 ALSACE_ALLOW_CPU=1
 else
+  # A GPU job must not inherit the CPU accelerator from the submitting shell (it would train
+  # on the CPU, ~100x slower, and look fine).
+  [[ ${DS_ACCELERATOR:-} != cpu ]] \
+    || die "DS_ACCELERATOR=cpu is set (inherited from the submitting shell?) in a GPU job: unset it, or set ALSACE_CPU=1 for a CPU-only job"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CPUS_PER_TASK / GPUS_PER_NODE > 0 ? CPUS_PER_TASK / GPUS_PER_NODE : 1))}
 fi
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false} PYTHONUNBUFFERED=1
@@ -66,14 +76,15 @@ TRAIN=alsace_ds/train.py
 LAUNCHER=${LAUNCHER:-torchrun}
 case $LAUNCHER in
   torchrun)
-    # One srun task per node; each runs torchrun, which starts GPUS_PER_NODE ranks there.
-    # No ssh needed (unlike the deepspeed launcher's pdsh). SLURM_NODEID must be expanded
-    # inside each task, hence the bash -c. torchrun itself ignores USR1 (the ranks, which
-    # install their own handler, act on it); by default USR1 would kill the agent.
-    CMD=(srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_TASK"
-      --kill-on-bad-exit=1
-      bash -c 'trap "" USR1; exec "$0" -m torch.distributed.run --node_rank "$SLURM_NODEID" "$@"' "$PYTHON"
-      --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE"
+    # One srun task per node (LAUNCHERS_PER_NODE per node when simulating); each runs
+    # torchrun, which starts GPUS_PER_NODE ranks there. No ssh needed (unlike the deepspeed
+    # launcher's pdsh). The node rank is the task's rank (= SLURM_NODEID with one task per
+    # node), expanded inside each task, hence the bash -c. torchrun itself ignores USR1 (the
+    # ranks, which install their own handler, act on it); by default USR1 would kill the agent.
+    CMD=(srun --nodes="$NNODES" --ntasks-per-node="$LAUNCHERS_PER_NODE"
+      --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1
+      bash -c 'trap "" USR1; exec "$0" -m torch.distributed.run --node_rank "$SLURM_PROCID" "$@"' "$PYTHON"
+      --nnodes $((NNODES * LAUNCHERS_PER_NODE)) --nproc_per_node "$GPUS_PER_NODE"
       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
       "$TRAIN" "${ARGS[@]}")
     ;;
@@ -100,7 +111,7 @@ if [[ $LAUNCHER != torchrun ]]; then
     || die "LAUNCHER=$LAUNCHER needs mpi4py in $PYTHON (pip install mpi4py)"
 fi
 
-echo "alsace-slurm: job $SLURM_JOB_ID nodes=$SLURM_JOB_NODELIST nnodes=$NNODES" \
+echo "alsace-slurm: job $SLURM_JOB_ID nodes=$SLURM_JOB_NODELIST nnodes=$NNODES launchers_per_node=$LAUNCHERS_PER_NODE" \
   "nproc_per_node=$GPUS_PER_NODE master=$MASTER_ADDR:$MASTER_PORT launcher=$LAUNCHER" \
   "cpu=${ALSACE_CPU:-0}"
 echo "alsace-slurm: command: $(printf '%q ' "${CMD[@]}")"

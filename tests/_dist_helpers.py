@@ -168,6 +168,10 @@ def _run_cases(spec_path: str, out_dir: str) -> None:
     results["broadcast"] = dist.broadcast_object({"from": ctx.rank}, ctx, src=0)
     results["broadcast_last"] = dist.broadcast_object(ctx.rank * 7, ctx, src=ctx.world_size - 1)
     results["gather"] = dist.all_gather_object(f"r{ctx.rank}", ctx)
+    # a decision read by rank 0 only (each rank would read its own rank here)
+    results["decide"] = dist.decide(lambda: {"read_by": ctx.rank}, ctx)
+    part = torch.arange(3, dtype=torch.float32) + 10 * ctx.rank  # a ZeRO-3-like partition
+    results["partitions"] = dist.all_gather_partitions(part, 3 * ctx.world_size - 1, ctx).tolist()
     dist.barrier(ctx)
 
     reduce = dist.reducer(ctx)

@@ -93,14 +93,17 @@ def recompute_probs(
     max_length: int,
     dtype: torch.dtype = torch.float32,
 ):
-    """``[N, T, C]`` label distributions of every view, one process, no DeepSpeed (in the
-    run's dtype: bf16 predictions are not fp32 predictions)."""
-    scorer, tok, _ = load_scorer(family, model_dir, len(labels), label_words=words, dtype=dtype)
+    """``[N, T, C]`` label distributions of every view, one process, no DeepSpeed. The
+    weights load in fp32 (what the run exports); ``dtype`` bf16 computes under
+    ``torch.autocast`` as the run does (bf16 predictions are not fp32 predictions)."""
+    scorer, tok, _ = load_scorer(family, model_dir, len(labels), label_words=words)
     corpus = load_parallel_jsonl(corpus_path, languages, labels, require_label=False)
     out = torch.empty(len(corpus), len(languages), len(labels))
-    for t, lang in enumerate(languages):
-        views = corpus.texts(lang)
-        for i in range(0, len(views), 256):
-            enc = encode_views(tok, views[i : i + 256], max_length)
-            out[i : i + 256, t] = torch.softmax(scorer(**enc), dim=-1)
+    low = dtype != torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        for t, lang in enumerate(languages):
+            views = corpus.texts(lang)
+            for i in range(0, len(views), 256):
+                enc = encode_views(tok, views[i : i + 256], max_length)
+                out[i : i + 256, t] = torch.softmax(scorer(**enc).float(), dim=-1)
     return out, corpus

@@ -9,7 +9,8 @@ import torch
 
 from alsace_ds.batching import train_batches, view_batches
 from alsace_ds.evaluate import accuracy_counts, entropy_bits, markdown_table, summarize
-from alsace_ds.trainer import linear_schedule, plan_steps
+from alsace_ds.schedules import lr_factor
+from alsace_ds.trainer import plan_steps
 
 
 @pytest.mark.parametrize("n,micro,world", [(10, 3, 2), (7, 4, 3), (1, 2, 2), (16, 4, 2)])
@@ -23,6 +24,27 @@ def test_train_batches_cover_everything_with_equal_steps(n, micro, world):
     # the same seed gives the same global order on every rank; another seed another order
     again = [train_batches(n, micro, r, world, seed=5) for r in range(world)]
     assert again == per_rank
+
+
+def test_an_optimizer_step_trains_the_same_examples_however_it_is_split():
+    """32 examples per step: 1 rank x 4 x 8 micro-steps, 2 x 4 x 4, 8 x 4 x 1, 16 x 2 x 1,
+    32 x 1 x 1 give the same steps per epoch and the same examples in each step."""
+    n, seed, batch = 500, 3, 32
+    steps = None
+    for world, micro in ((1, 4), (2, 4), (8, 4), (16, 2), (32, 1)):
+        accum = batch // (micro * world)
+        plan = plan_steps(n, micro, world, 100, accum, None)
+        assert plan.total_optimizer_steps == 1600  # the presets' derivation: 100 x ceil(500/32)
+        per_rank = [train_batches(n, micro, r, world, seed, accum) for r in range(world)]
+        got = [
+            sorted(
+                i for r in range(world) for j in range(accum) for i in per_rank[r][s * accum + j]
+            )
+            for s in range(plan.micro_per_epoch // accum)
+        ]
+        assert len(got) == 16 and all(len(x) == batch for x in got)
+        steps = steps or got
+        assert got == steps, (world, micro)
 
 
 @pytest.mark.parametrize("items,bs,world", [(10, 3, 3), (5, 2, 2), (1, 4, 3), (12, 4, 2)])
@@ -77,9 +99,10 @@ def test_entropy_bits():
 
 def test_plan_and_schedule():
     plan = plan_steps(n=100, micro_batch=8, world=2, epochs=2, grad_accum=3, max_steps=None)
-    assert plan.micro_per_epoch == 7 and plan.total_micro == 15 and plan.total_optimizer_steps == 5
+    # an epoch is whole optimizer steps: ceil(100 / 48) = 3 steps = 9 micro-steps
+    assert plan.micro_per_epoch == 9 and plan.total_micro == 18 and plan.total_optimizer_steps == 6
     assert plan_steps(100, 8, 2, 2, 1, max_steps=4).total_micro == 4
-    f = linear_schedule(total_steps=10, warmup_steps=2)
+    f = lr_factor("linear", total_steps=10, warmup_steps=2)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
 
 

@@ -83,6 +83,8 @@ def _check_rank(res: dict, world: int, rank: int, cases: list[dict]) -> None:
     assert res["broadcast"] == {"from": 0}
     assert res["broadcast_last"] == (world - 1) * 7
     assert res["gather"] == [f"r{r}" for r in range(world)]
+    assert res["decide"] == {"read_by": 0}
+    assert res["partitions"] == [10.0 * r + i for r in range(world) for i in range(3)][:-1]
     for case in cases:
         got = res["cases"][case["name"]]
         want = select_teachers(case["probs"], case["languages"], case.get("threshold"))

@@ -9,7 +9,7 @@ from alsace_ds.trainer import load_for_stage, make_optimizer
 def test_frozen_embeddings_are_left_out_of_the_optimizer(tmp_path):
     model = build_tiny_model(tmp_path / "m", "xlmr", ["a", "b", "c"], ["x", "y"])
     ds = {"zero_optimization": {"stage": 2}}
-    scorer, _, _ = load_for_stage("xlmr", str(model), 2, None, None, "fp32", ds,
+    scorer, _, _ = load_for_stage("xlmr", str(model), 2, None, None, ds,
                                   freeze_embeddings=True)  # fmt: skip
     emb = scorer.hf_model.get_input_embeddings().weight
     assert not emb.requires_grad
@@ -18,5 +18,5 @@ def test_frozen_embeddings_are_left_out_of_the_optimizer(tmp_path):
     assert id(emb) not in in_opt
     trainable = [p for p in scorer.parameters() if p.requires_grad]
     assert len(in_opt) == len(trainable) and trainable
-    free, _, _ = load_for_stage("xlmr", str(model), 2, None, None, "fp32", ds)
+    free, _, _ = load_for_stage("xlmr", str(model), 2, None, None, ds)
     assert free.hf_model.get_input_embeddings().weight.requires_grad

@@ -19,15 +19,21 @@ def test_mpirun_two_ranks(tmp_path, cache):
     out = tmp_path / "run"
     env = child_env(cache)
     env["MASTER_PORT"] = str(free_port())  # not DeepSpeed's fixed 29500: another job may hold it
+    # What slurm/common.sh exports (the allocation's first host). DeepSpeed's MPI discovery
+    # would replace it by the first address of `hostname -I` (unreachable on multi-homed
+    # nodes); 127.0.0.2 is a loopback address that `hostname -I` never prints.
+    env["MASTER_ADDR"] = "127.0.0.2"
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2"]
     for name in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "ALSACE_CACHE", "PYTHONUNBUFFERED",
-                 "MASTER_PORT"):  # fmt: skip
+                 "MASTER_PORT", "MASTER_ADDR"):  # fmt: skip
         cmd += ["-x", name]
     cmd += [sys.executable, str(TRAIN), f"run.output_dir={out}", "stage0.max_steps=3"]
     cmd += ["distill.max_steps=2", "log.progress=false", "eval.every_epoch=false"]
     res = run_cmd(cmd, env, timeout=600)
     assert res.returncode == 0, res.stdout[-5000:]
     assert "(ZeRO-2, 2 rank(s))" in res.stdout
+    rendezvous = f"rendezvous 127.0.0.2:{env['MASTER_PORT']}"
+    assert f"2 rank(s) on cpu (rank 0: cpu), {rendezvous}" in res.stdout
     report = json.loads((out / "report.json").read_text())
     sel = json.loads((out / "selection.json").read_text())
     assert sorted(sel["teachers"] + sel["students"]) == sorted(report["languages"])

@@ -143,12 +143,18 @@ def test_cli_subprocess_with_params():
     for label, _, _, _ in plan.OPTIONS:
         assert label in out
     assert "Activations" in out
-    # 13e9 x 2 bytes = 24.21 GiB of bf16 params per GPU for ZeRO-0..2
+    # the default is the trainer's fp32 states: 13e9 x 4 bytes = 48.43 GiB of params per GPU
+    # for ZeRO-0..2, Adam's two fp32 moments 96.86 GiB
     line0 = next(x for x in out.splitlines() if x.strip().startswith("ZeRO-0 "))
-    assert line0.split()[1:5] == ["24.21", "24.21", "145.29", "0.00"]
-    # ZeRO-2: 2 + 14/8 bytes/param = 45.40 GiB fits 64 GiB; ZeRO-1 (65.5 GiB) does not.
-    assert "recommendation: ZeRO-2 (needs 45.40 GiB of 64.00 GiB per GPU)" in out
+    assert line0.split()[1:5] == ["48.43", "48.43", "96.86", "0.00"]
+    # ZeRO-2: 4 + 12/8 bytes/param = 66.59 GiB > 64 GiB; ZeRO-3: 16/8 = 24.21 GiB.
+    assert "recommendation: ZeRO-3 (needs 24.21 GiB of 64.00 GiB per GPU)" in out
     assert "requested ZeRO-3: fits" in out
+    # the 16-bit-weights what-if keeps the ZeRO paper's 2/2/12 accounting
+    res = subprocess.run([*cmd, "--dtype", "bf16"], capture_output=True, text=True, timeout=60)
+    line0 = next(x for x in res.stdout.splitlines() if x.strip().startswith("ZeRO-0 "))
+    assert line0.split()[1:5] == ["24.21", "24.21", "145.29", "0.00"]
+    assert "recommendation: ZeRO-2 (needs 45.40 GiB of 64.00 GiB per GPU)" in res.stdout
 
 
 def test_unknown_model_clear_error(capsys):

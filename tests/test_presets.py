@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _hub_fixtures import LANGUAGES, make_copa_repo, make_hub_repo, vocabulary
-from alsace_ds.config import config_path, load_config, preset_names, with_world
+from alsace_ds.config import ConfigError, config_path, load_config, preset_names, with_world
 from alsace_ds.ds_config import build_ds_config
 from alsace_ds.models import encode_views, load_scorer
 from alsace_ds.tasks import prepare_task
@@ -47,13 +47,44 @@ def local(tmp_path_factory):
         yield repos, models
 
 
+def check_world_sizes(cfg) -> None:
+    """The presets' batch of 32 examples per optimizer step, exactly, on 1 to 32 ranks (the
+    Slurm scripts' default is 2 nodes x 8 GPUs = 16); beyond what the batch can split, a
+    clear refusal for stage 0 and view groups for stage 2."""
+    batch0, batch2 = cfg.stage0.global_batch, cfg.distill.global_batch
+    for world in (1, 2, 4, 8, 16, 32):
+        w = with_world(cfg, world)
+        assert w.distill.view_parallel_size == 1, world
+        for stage, batch in ((w.stage0, batch0), (w.distill, batch2)):
+            ds = build_ds_config(w, stage, world)
+            assert ds["train_batch_size"] == stage.micro_batch * stage.grad_accum * world
+            assert stage.micro_batch * stage.grad_accum * world == batch, (world, stage)
+            assert stage.micro_batch <= 4  # the presets' cap per rank per micro-step
+    # 3 nodes x 8 GPUs: stage 2 splits each example's views over groups of 3 ranks
+    w = with_world(
+        dataclasses.replace(cfg, stage0=dataclasses.replace(cfg.stage0, enabled=False)), 24
+    )
+    assert w.distill.view_parallel_size == 3
+    assert w.distill.micro_batch * w.distill.grad_accum * 24 // 3 == batch2
+    build_ds_config(w, w.distill, 24)
+    # stage 0 has no view groups: refused, naming what works
+    with pytest.raises(ConfigError) as err:
+        with_world(cfg, 64)
+    assert err.value.problems == [
+        f"stage0.global_batch: {batch0} examples per step do not split evenly over 64 ranks; "
+        "it runs on 1, 2, 4, 8, 16, 32 ranks (the divisors of 32). On 64 ranks set "
+        "stage0.global_batch to a multiple of 64 (e.g. 64), or fine-tune elsewhere and pass "
+        "stage0.enabled=false stage0.init_from=<model folder>"
+    ]
+
+
 @pytest.mark.parametrize("name", preset_names())
 def test_preset(name, local, tmp_path):
     repos, models = local
     raw = load_config(config_path(name))
     task, family = raw.task.name, raw.model.family
     assert raw.model.name_or_path.startswith(("xlm-roberta", "google/mt5"))  # Hub names
-    assert raw.distill.lr == 3e-8 and raw.model.dropout == 0.1  # paper appendix A.1
+    assert raw.model.dropout == 0.1  # paper appendix A.1 (the lr: tests/test_schedules.py)
     assert raw.task.max_unlabeled == 500
     swap = [
         f"model.name_or_path={models[task, family]}",
@@ -63,15 +94,13 @@ def test_preset(name, local, tmp_path):
     if task == "xcopa":
         swap.append(f"task.train_source={repos['copa']}")
     cfg = load_config(config_path(name), swap)
-    for world in (1, 2, 4, 8):  # the paper's batch of 32 on any of these
-        w = with_world(cfg, world)
-        for stage in (w.stage0, w.distill):
-            ds = build_ds_config(w, stage, world)
-            assert ds["train_batch_size"] == stage.micro_batch * stage.grad_accum * world
-        assert w.distill.micro_batch * w.distill.grad_accum * world == 32
-    if family == "mt5":
+    check_world_sizes(cfg)
+    if family == "mt5":  # bf16 compute through torch autocast; fp32 weights (never DS's bf16)
         assert cfg.model.resolved_dtype == "bf16"
-        assert build_ds_config(with_world(cfg, 2), cfg.distill, 2)["bf16"]["enabled"] is True
+        w2 = with_world(cfg, 2)
+        ds = build_ds_config(w2, w2.distill, 2)
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+        assert ds["bf16"]["enabled"] is False
     cfg, data = prepare_task(with_world(cfg, 2))
     assert len(data.unlabeled) == (500 if task != "xcopa" else 40)
     if raw.task.k_shot:

@@ -93,8 +93,12 @@ def test_global_batch_resolves_grad_accum():
     two = with_world(cfg, 2)
     assert two.stage0.grad_accum == 4 and two.stage0.global_batch is None
     assert two.distill.grad_accum == 4  # 2 ranks form one view group: 1 data-parallel rank
-    with pytest.raises(ConfigError, match="stage0.global_batch: 32 is not a multiple"):
-        with_world(cfg, 16)
+    sixteen = with_world(cfg, 16)  # micro_batch is a cap: 2 examples per rank, no accumulation
+    assert (sixteen.stage0.micro_batch, sixteen.stage0.grad_accum) == (2, 1)
+    assert (sixteen.distill.micro_batch, sixteen.distill.grad_accum) == (1, 1)  # 8 view groups
+    with pytest.raises(ConfigError, match="stage0.global_batch: 32 examples per step do not "
+                       "split evenly over 64 ranks"):  # fmt: skip
+        with_world(cfg, 64)
     with pytest.raises(ConfigError, match="set global_batch or grad_accum"):
         load_config(None, ["stage0.global_batch=32", "stage0.grad_accum=2"])
 

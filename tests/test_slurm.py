@@ -56,11 +56,14 @@ def cluster():
         _sh(str(CLUSTER), "stop", timeout=60)
 
 
-def _submit(tmp: Path, env_extra: dict[str, str], args: list[str]) -> tuple[str, Path]:
+def _submit(
+    tmp: Path, env_extra: dict[str, str], args: list[str], sbatch: list[str] | None = None
+) -> tuple[str, Path]:
     env = dict(os.environ)
     env.update(env_extra)
     out = tmp / "slurm-%j.out"
-    cmd = ["sbatch", "--parsable", f"--output={out}", *CPU_SBATCH, str(SCRIPT), *args]
+    opts = [*CPU_SBATCH, *(sbatch or [])]  # later options win
+    cmd = ["sbatch", "--parsable", f"--output={out}", *opts, str(SCRIPT), *args]
     print("submit:", " ".join(cmd))
     res = _sh(*cmd, cwd=ROOT, env=env)
     assert res.returncode == 0, f"sbatch refused: {res.stderr}"
@@ -208,3 +211,67 @@ def test_preemption_requeues_resumes_and_matches(cluster, tmp_path):
         json.loads((run_dir / "report.json").read_text())["after"]
         == json.loads((ref_dir / "report.json").read_text())["after"]
     )
+
+
+def _curves(run_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.endswith("/train/loss")]
+    return {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
+
+
+def test_two_node_launchers_equal_one_launcher(cluster, tmp_path):
+    """Two torchrun launchers of 2 ranks each (two "nodes": --nnodes 2, node ranks 0 and 1,
+    one rendezvous), started by slurm/common.sh as srun tasks, with 2 view groups of 2 ranks
+    (view parallel 2 x data parallel 2): the same losses, selection and report as the same
+    job on one launcher of 4 ranks."""
+    args = [*TINY, "stage0.max_steps=6", "distill.max_steps=4", "distill.micro_batch=4",
+            "distill.view_parallel_size=2", "run.log_every=1"]  # fmt: skip
+    env = {"ALSACE_CPU": "1", "ALSACE_CACHE": str(tmp_path / "cache")}
+    two_dir, one_dir = tmp_path / "two", tmp_path / "one"
+    two = _submit(tmp_path, {**env, "NPROC_PER_NODE": "2", "LAUNCHERS_PER_NODE": "2"},
+                  [*args, f"run.output_dir={two_dir}"],
+                  ["--ntasks-per-node=2", "--cpus-per-task=1"])  # fmt: skip
+    one = _submit(tmp_path, {**env, "NPROC_PER_NODE": "4"}, [*args, f"run.output_dir={one_dir}"])
+    texts = {}
+    try:
+        for name, (job, out) in (("two", two), ("one", one)):
+            info = _wait(job, out, 600)
+            texts[name] = out.read_text()
+            assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", texts[name][
+                -5000:
+            ]
+    finally:
+        for job, out in (two, one):
+            _cleanup(job, _port(out.read_text()) if out.exists() else None)
+    cmd = next(x for x in texts["two"].splitlines() if x.startswith("alsace-slurm: command:"))
+    assert "--ntasks-per-node=2" in cmd and "--nnodes 2 --nproc_per_node 2" in cmd, cmd
+    assert "--node_rank" in cmd and "SLURM_PROCID" in cmd
+    for text in texts.values():
+        assert "4 rank(s) on cpu" in text
+        assert "2 data-parallel group(s) x 2 rank(s) sharing each example" in text, text[-3000:]
+    a, b = _curves(two_dir), _curves(one_dir)
+    assert set(a) == {"stage0/train/loss", "stage2/train/loss"} and sorted(
+        a["stage2/train/loss"]
+    ) == [1, 2, 3, 4]
+    assert a == b  # bit-identical: same world, same reduction order
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (two_dir, one_dir))
+    for key in ("teachers", "students", "before", "after", "param_change"):
+        assert ra[key] == rb[key], key
+    sa, sb = (json.loads((d / "selection.json").read_text()) for d in (two_dir, one_dir))
+    assert sa["languages"] == sb["languages"]
+
+
+def test_gpu_job_refuses_an_inherited_cpu_accelerator(cluster, tmp_path):
+    """A shell that exported DS_ACCELERATOR=cpu (e.g. after `make test`) submits a GPU job:
+    the job must fail with the reason, not train on the CPU."""
+    env = {"ALSACE_DRY_RUN": "1", "NPROC_PER_NODE": "2", "DS_ACCELERATOR": "cpu"}
+    job, out = _submit(tmp_path, env, ["--config", "configs/default.yaml"])
+    info = _wait(job, out, 60)
+    text = out.read_text()
+    _cleanup(job, None)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", (info, text)
+    assert "alsace-slurm: DS_ACCELERATOR=cpu is set (inherited from the submitting shell?)" in text
+    assert "alsace-slurm: command:" not in text

@@ -1,0 +1,50 @@
+"""An engine that is replaced (stage 0's, or stage 2's when the guard keeps an earlier model)
+is freed: module, ZeRO partitions and optimizer state, under ZeRO-2 and ZeRO-3."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from _dist_helpers import REPO, child_env, free_port, shm_files
+
+CODE = """
+import gc, pathlib, sys, weakref
+from alsace_ds import dist
+from alsace_ds.tiny import build_tiny_model
+from alsace_ds.trainer import build_engine, load_for_stage, release_engine
+
+ctx = dist.init_distributed(60)
+path = build_tiny_model(pathlib.Path(sys.argv[1]), "xlmr", ["a", "b", "c"], ["x", "y"])
+for stage in (2, 3):
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
+          "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+          "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    scorer, tok, _ = load_for_stage("xlmr", str(path), 2, None, None, ds)
+    engine = build_engine(scorer, ds, 1e-3, 0.0, 10, 0)
+    module, optimizer = weakref.ref(scorer), weakref.ref(engine.optimizer)
+    del scorer
+    release_engine(engine)
+    del engine
+    gc.collect()
+    print(f"zero{stage}: module freed {module() is None}, optimizer freed {optimizer() is None}")
+dist.shutdown()
+"""
+
+
+def test_release_engine_frees_module_and_optimizer(tmp_path):
+    port = free_port()
+    before = shm_files(port)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", CODE, str(tmp_path / "model")],
+            env=child_env({"MASTER_PORT": str(port)}), cwd=REPO, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        for path in shm_files(port) - before:
+            os.unlink(path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for stage in (2, 3):
+        assert f"zero{stage}: module freed True, optimizer freed True" in res.stdout, res.stdout
