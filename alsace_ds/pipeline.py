@@ -31,7 +31,7 @@ from alsace_ds.guard import Guard, monitor_metrics, monitor_sums
 from alsace_ds.io import atomic_write_json, atomic_write_text
 from alsace_ds.movement import change_stats, update_bound
 from alsace_ds.report import states_of, table2, table3, to_csv, to_markdown
-from alsace_ds.schedules import authors_update, lr_sum
+from alsace_ds.schedules import authors_update, lr_sum, warmup_steps
 from alsace_ds.selection import Selection, most_confident, select_from_views
 from alsace_ds.shm_cleanup import unlink_own_buffer
 from alsace_ds.tasks import TaskData
@@ -189,7 +189,13 @@ def stage0_finetune(run: Run) -> str:
     )
     total = plan.total_optimizer_steps
     engine = build_engine(
-        scorer, ds_cfg, st.lr, st.weight_decay, total, int(st.warmup_ratio * total), st.schedule
+        scorer,
+        ds_cfg,
+        st.lr,
+        st.weight_decay,
+        total,
+        warmup_steps(total, st.warmup_ratio),
+        st.schedule,
     )
     del scorer  # the engine holds the module; release_engine must free the last reference
     moves = Movement.take(run, "stage0", engine, st, total)
@@ -303,19 +309,20 @@ class Movement:
 
     run: Run
     stage: str  # "stage0" | "stage2"
+    most: float  # the sum of the stage's learning rates: Adam's largest move of one weight
     start: dict[str, torch.Tensor] | None
     bound: dict | None
 
     @classmethod
     def take(cls, run: Run, stage: str, engine: Any, st: Any, total: int) -> Movement:
         start = rank0_state_dict(engine, run.ctx, trainable_names(engine))  # ZeRO-3: collective
+        warm = warmup_steps(total, st.warmup_ratio)
+        most = lr_sum(st.schedule, total, warm, st.lr)
         bound = None
         if run.ctx.is_main:
-            warm = int(st.warmup_ratio * total)
-            most = lr_sum(st.schedule, total, warm, st.lr)
             bound = update_bound(start, most, run.cfg.model.resolved_dtype)
             bound.update(steps=total, peak_lr=st.lr, schedule=st.schedule, warmup_steps=warm)
-        return cls(run, stage, start, bound)
+        return cls(run, stage, most, start, bound)
 
     def warn_if_stuck(self, section: str) -> None:
         b = self.bound
@@ -661,11 +668,10 @@ def stage2_distill(
     theirs = authors_update(T, len(teachers), n) if teachers else None
     if moves.bound is not None and theirs is not None:
         moves.bound["authors_equivalent"] = dataclasses.asdict(theirs)
-    most = lr_sum(d.schedule, total, int(d.warmup_ratio * total), d.lr)
     run.say(
         f"stage 2: {STAGE2_NAMES[d.method]} on {n} parallel examples x {T} languages, {total} "
         f"optimizer steps, lr {d.lr:g} ({d.schedule}): Adam moves a weight by at most the sum "
-        f"of the learning rates, {most:.3g}"
+        f"of the learning rates, {moves.most:.3g}"
         + (f"; the authors' recipe for this pair set ({theirs.pairs} pairs of {len(teachers)} "
            f"teachers, {theirs.steps} steps x lr {theirs.lr:g}) sums to {theirs.lr_sum:.3g}"
            if theirs else "")
@@ -803,7 +809,7 @@ def _run_stages(run: Run) -> dict:
     )
     total = plan.total_optimizer_steps
     engine = build_engine(
-        scorer, ds_cfg, d.lr, d.weight_decay, total, int(d.warmup_ratio * total), d.schedule
+        scorer, ds_cfg, d.lr, d.weight_decay, total, warmup_steps(total, d.warmup_ratio), d.schedule
     )
     del scorer  # the engine holds the module; release_engine must free the last reference
     moves = Movement.take(run, "stage2", engine, d, total) if d.enabled else None
