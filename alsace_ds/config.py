@@ -54,6 +54,10 @@ class RunConfig:
     seed: int = 42
     log_every: int = 5
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end of a stage
+    # Also commit when this many minutes passed since the last commit (rank 0's clock, agreed
+    # at the next step); 0 = off; null = 30 inside a Slurm job (where preemption and node
+    # failures are expected: at most that much work is lost), else off.
+    checkpoint_minutes: float | None = None
     keep_checkpoints: int = 2  # newest checkpoints kept per stage (older ones are deleted)
     # "auto": continue from the latest committed checkpoint in output_dir (after preemption or
     # a stop); "never": start from scratch (refused if output_dir already holds checkpoints).
@@ -533,6 +537,8 @@ def validate(cfg: Config) -> list[str]:
     _positive(errors, "run.log_every", cfg.run.log_every)
     if cfg.run.checkpoint_every < 0:
         errors.append("run.checkpoint_every: must be >= 0")
+    if cfg.run.checkpoint_minutes is not None and cfg.run.checkpoint_minutes < 0:
+        errors.append("run.checkpoint_minutes: must be >= 0")
     _positive(errors, "run.keep_checkpoints", cfg.run.keep_checkpoints)
     _positive(errors, "run.stop_after_steps", cfg.run.stop_after_steps, allow_none=True)
     if not cfg.stage0.enabled and cfg.stage0.init_from is None and m.name_or_path == EMBEDDED:

@@ -269,14 +269,42 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     return box[0]
 
 
+class PeerError(RuntimeError):
+    """Raised on the other ranks when rank 0's part of a :func:`decide` failed (rank 0
+    raises the original error and is the one that reports it)."""
+
+
 def decide(read: Callable[[], Any], ctx: DistContext) -> Any:
     """``read()`` run on rank 0 only, its (picklable) result handed to every rank.
 
     For decisions taken from files (skip a finished stage, which model is best, which
     checkpoint tag is committed): on a shared filesystem ranks can see different states
     (caches, a write in flight), and ranks that decide differently run different collectives
-    and hang. One reader, one answer."""
-    return broadcast_object(read() if ctx.rank == 0 else None, ctx)
+    and hang. One reader, one answer. When ``read()`` raises, rank 0 re-raises it and every
+    other rank raises :class:`PeerError`, so no rank is left waiting."""
+    failed: BaseException | None = None
+    value = None
+    if ctx.rank == 0:
+        try:
+            value = read()
+        except Exception as exc:  # noqa: BLE001 - handed on below, on every rank
+            failed = exc
+    box = broadcast_object((failed is not None, None if failed else value), ctx)
+    if failed is not None:
+        raise failed
+    if box[0]:
+        raise PeerError("rank 0 failed while deciding (it reports the reason)")
+    return box[1]
+
+
+def any_rank(flags: list[bool], ctx: DistContext) -> list[bool]:
+    """Element-wise OR of ``flags`` over all ranks (one small all-reduce): a stop request
+    seen by any rank, or a decision only rank 0 takes (its clock), becomes every rank's."""
+    if not _active(ctx):
+        return list(flags)
+    buf = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in buf.tolist()]
 
 
 def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:

@@ -21,6 +21,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp's 0600: readable by the group
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -29,9 +30,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())

@@ -9,9 +9,12 @@ Face folders) and ``tb/`` (TensorBoard events).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
+import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -21,8 +24,8 @@ from typing import Any
 import torch
 import yaml
 
-from alsace_ds import dist, signals
-from alsace_ds.config import Config, ConfigError, DistillConfig, Stage0Config
+from alsace_ds import checkpoint, dist, rundir, signals
+from alsace_ds.config import Config, DistillConfig, Stage0Config
 from alsace_ds.data import ParallelCorpus, View
 from alsace_ds.distill import pair_kl_loss
 from alsace_ds.ds_config import build_ds_config
@@ -32,8 +35,7 @@ from alsace_ds.io import atomic_write_json, atomic_write_text
 from alsace_ds.movement import change_stats, update_bound
 from alsace_ds.report import states_of, table2, table3, to_csv, to_markdown
 from alsace_ds.schedules import authors_update, lr_sum, warmup_steps
-from alsace_ds.selection import Selection, most_confident, select_from_views
-from alsace_ds.shm_cleanup import unlink_own_buffer
+from alsace_ds.selection import most_confident, select_from_views
 from alsace_ds.tasks import TaskData
 from alsace_ds.tb import TBLogger
 from alsace_ds.trainer import (
@@ -43,8 +45,6 @@ from alsace_ds.trainer import (
     current_lr,
     export_hf,
     forward_views,
-    latest_tag,
-    load_checkpoint,
     load_for_stage,
     micro_batches,
     plan_steps,
@@ -52,7 +52,6 @@ from alsace_ds.trainer import (
     progress,
     rank0_state_dict,
     release_engine,
-    save_checkpoint,
     trainable_names,
 )
 
@@ -67,6 +66,7 @@ class Run:
     run_dir: Path
     tb: TBLogger
     steps_done: int = 0  # optimizer steps in this invocation, over both stages
+    last_commit: float = dataclasses.field(default_factory=time.monotonic)  # rank 0's clock
 
     def say(self, msg: str) -> None:
         if self.ctx.is_main:
@@ -198,6 +198,7 @@ def stage0_finetune(run: Run) -> str:
         st.schedule,
     )
     del scorer  # the engine holds the module; release_engine must free the last reference
+    checkpoint.seed_rank(cfg.run.seed, ctx.rank)  # per-rank dropout; a resume restores RNG
     moves = Movement.take(run, "stage0", engine, st, total)
     moves.warn_if_stuck("stage0")
     run.say(
@@ -215,16 +216,15 @@ def stage0_finetune(run: Run) -> str:
         )
 
     best = BestKeeper.for_stage0(run)
-    point = resume_point(run, "stage0", engine)
+    point = resume_point(run, "stage0", engine, best)
     if not point["complete"]:
         seed = cfg.run.seed
-        train_loop(
-            run, "stage0", engine, tok, plan, len(train), st, seed, step, point["micro"],
-            on_dev=best.update if best else None,
-        )  # fmt: skip
-        save_stage(run, "stage0", engine, plan.total_micro, complete=True)
+        train_loop(run, "stage0", engine, tok, plan, len(train), st, seed, step, point,
+                   on_dev=best)  # fmt: skip
+        save_stage(run, "stage0", engine, plan.total_micro, complete=True, on_dev=best)
     out = run.run_dir / "stage0" / "model"
-    change = moves.report(export_hf(engine, tok, out, ctx), engine.global_steps)
+    made_by = partial(rundir.write_provenance, cfg=cfg)
+    change = moves.report(export_hf(engine, tok, out, ctx, made_by), engine.global_steps)
     if ctx.is_main:
         atomic_write_json(run.run_dir / "stage0" / "param_change.json", change)
     run.say(f"stage 0 done: model exported to {out}")
@@ -266,24 +266,29 @@ class BestKeeper:
         if not st.keep_best or run.task.dev is None or not run.cfg.eval.every_epoch:
             return None
         metric = st.best_metric if run.task.english is not None else "average"
-        keeper = cls(run, run.run_dir / "stage0" / "best", metric)
-        info = keeper.folder.parent / "best.json"
-        if run.cfg.run.resume == "auto":  # a resumed stage keeps its best (rank 0 reads it)
-            keeper.best = dist.decide(partial(_best_value, info), run.ctx)
-        return keeper
+        return cls(run, run.run_dir / "stage0" / "best", metric)
+
+    def state(self) -> dict:
+        """What a checkpoint must hold to resume the keeper exactly."""
+        return {"best": self.best}
+
+    def restore(self, state: dict) -> None:
+        self.best = state["best"]
 
     def value(self, summ: dict) -> float:
         if self.metric == "english":
             return float(summ["accuracy"][self.run.task.english])
         return float(summ["averages"]["all"]["accuracy"])
 
-    def update(self, engine: Any, tok: Any, dev: DevResult, step: int) -> bool:
+    def __call__(self, engine: Any, tok: Any, dev: DevResult, step: int) -> bool:
+        """Export the model when it is the best so far; never ends the stage early."""
         summ = dev.summ
         value = self.value(summ)
         if self.best is not None and value <= self.best:
             return False
+        made_by = partial(rundir.write_provenance, cfg=self.run.cfg)
+        export_hf(engine, tok, self.folder, self.run.ctx, made_by)  # may stop: nothing kept
         self.best = value
-        export_hf(engine, tok, self.folder, self.run.ctx)
         if self.run.ctx.is_main:
             atomic_write_json(
                 self.folder.parent / "best.json",
@@ -291,10 +296,6 @@ class BestKeeper:
             )
         self.run.say(f"new best {self.metric} dev accuracy {value:.2f} at step {step}")
         return False
-
-
-def _best_value(info: Path) -> float | None:
-    return float(yaml.safe_load(info.read_text())["value"]) if info.is_file() else None
 
 
 STAGE_TITLES = {"stage0": "stage 0 (English fine-tuning)", "stage2": "stage 2 (distillation)"}
@@ -373,16 +374,18 @@ def train_loop(
     st: Stage0Config | DistillConfig,
     seed: int,
     step: Callable[[list[int]], torch.Tensor],
-    start: int = 0,
+    point: dict,
     roles: tuple[list[str], list[str]] | None = None,
-    on_dev: Callable[[Any, Any, DevResult, int], bool] | None = None,
+    on_dev: DevCallback | None = None,
 ) -> bool:
     """The micro-step loop shared by both training stages: ``step(batch) -> loss`` does the
     forward/backward/step; dev checks at epoch ends (and every ``st.eval_every`` optimizer
     steps where the stage has it), mean loss every ``run.log_every`` steps, checkpoint / stop
-    decisions at optimizer-step boundaries. ``start`` resumes mid-stage. ``on_dev`` sees each
-    dev check and returns True to end the stage early (the same on every rank: its inputs
-    are all-reduced). Returns whether it ended early."""
+    decisions at optimizer-step boundaries. ``point`` (:func:`resume_point`) resumes
+    mid-stage, first redoing a dev check that a stop interrupted. ``on_dev`` sees each dev
+    check and returns True to end the stage early (the same on every rank: its inputs are
+    all-reduced); its state goes into every checkpoint. Returns whether it ended early."""
+    start = point["micro"]
     engine.train()
     bar = progress(plan.total_micro, stage, run.ctx, run.cfg.log.progress)
     bar.update(start)
@@ -391,11 +394,21 @@ def train_loop(
     ctx = run.ctx  # data parallel across view groups (a group shares its examples)
     batches = micro_batches(n, st.micro_batch, ctx.dp_rank, ctx.dp_world, seed, plan, start)
     every = getattr(st, "eval_every", 0)  # > 0: checks every `every` steps, not at epoch ends
-    stopped = False
-    for micro, epoch, batch in batches:
+
+    def check(micro: int) -> bool:
+        """A dev check; a stop inside it commits the step before it (check redone on resume)."""
+        try:
+            return after_dev(run, engine, tok, stage, roles, on_dev)
+        except signals.StopRequested as stop:
+            save_stage(run, stage, engine, micro, complete=False, on_dev=on_dev, pending_dev=True)
+            at = f"at optimizer step {engine.global_steps}"
+            raise signals.Preempted(f"{stage}: {stop} {at}") from None
+
+    stopped = point.get("pending_dev", False) and check(start)
+    for micro, epoch, batch in [] if stopped else batches:
         if epoch != last_epoch:
             last_epoch = epoch
-            if not every and after_dev(run, engine, tok, stage, roles, on_dev):
+            if not every and check(micro):
                 stopped = True
                 break
         losses.append(step(batch))
@@ -404,27 +417,39 @@ def train_loop(
             log_train(run, stage, engine, losses, bar)
         if (micro + 1) % st.grad_accum == 0:
             last = micro + 1 == plan.total_micro
-            step_boundary(run, stage, engine, micro + 1, last=last)
-            if every and engine.global_steps % every == 0 and not last:
-                if after_dev(run, engine, tok, stage, roles, on_dev):
-                    stopped = True
-                    break
+            due = bool(every) and engine.global_steps % every == 0 and not last
+            step_boundary(run, stage, engine, micro + 1, last, on_dev, dev_due=due)
+            if due and check(micro + 1):
+                stopped = True
+                break
     if losses:
         log_train(run, stage, engine, losses, bar)
     bar.close()
     if not stopped:
-        after_dev(run, engine, tok, stage, roles, on_dev)
+        check(plan.total_micro)
     engine.train()
     return stopped
 
 
+class DevCallback(typing.Protocol):
+    """What a training stage calls after each dev check (:class:`BestKeeper`,
+    :class:`DevMonitor`): True ends the stage; its state is part of every checkpoint."""
+
+    def __call__(self, engine: Any, tok: Any, dev: DevResult, step: int) -> bool: ...
+    def state(self) -> dict: ...
+    def restore(self, state: dict) -> None: ...
+
+
 def after_dev(run: Run, engine: Any, tok: Any, stage: str, roles, on_dev) -> bool:
     dev = dev_check(run, engine, tok, stage, engine.global_steps, roles)
-    stop = (
-        dev is not None
-        and on_dev is not None
-        and bool(on_dev(engine, tok, dev, engine.global_steps))
-    )
+    stop = False
+    if dev is not None and on_dev is not None:
+        before = on_dev.state()
+        try:
+            stop = bool(on_dev(engine, tok, dev, engine.global_steps))
+        except signals.StopRequested:
+            on_dev.restore(before)  # the check is redone on resume: count it once
+            raise
     engine.train()
     return stop
 
@@ -436,45 +461,98 @@ def ckpt_dir(run: Run, stage: str) -> Path:
     return run.run_dir / "checkpoints" / CKPT_NAMES[stage]
 
 
-def save_stage(run: Run, stage: str, engine: Any, micro: int, complete: bool) -> None:
-    save_checkpoint(
-        engine,
-        ckpt_dir(run, stage),
-        f"step{engine.global_steps}",
-        run.ctx,
-        {"stage": stage, "micro": micro, "complete": complete},
-        keep=run.cfg.run.keep_checkpoints,
-    )
+def launch_facts(run: Run, stage: str, engine_config: dict | None = None) -> dict:
+    """The launch a stage's checkpoint is only valid for (ZeRO keeps state per rank)."""
+    cfg, ctx = run.cfg, run.ctx
+    name = CKPT_NAMES[stage]
+    st = cfg.stage0 if name == "stage0" else cfg.distill
+    ds_cfg = engine_config or build_ds_config(cfg, st, ctx.world_size)
+    view = 1 if name == "stage0" else int(cfg.distill.view_parallel_size)
+    return rundir.launch_facts(ctx.world_size, view, int(ds_cfg["zero_optimization"]["stage"]))
 
 
-def step_boundary(run: Run, stage: str, engine: Any, micro: int, last: bool) -> None:
-    """After an optimizer step: periodic checkpoint; and a stop that every rank agrees on (a
-    signal seen by any rank, or ``run.stop_after_steps``) saves and raises ``Preempted``.
-    The stage's last step only counts: its caller saves the completed checkpoint, and a stop
-    asked for then takes effect at the next stage's first step."""
+def save_stage(
+    run: Run,
+    stage: str,
+    engine: Any,
+    micro: int,
+    complete: bool,
+    on_dev: DevCallback | None = None,
+    pending_dev: bool = False,
+) -> None:
+    """Commit the stage's training state with DeepSpeed's checkpoint (collective)."""
+    state = {
+        "stage": CKPT_NAMES[stage],
+        "micro": micro,
+        "complete": complete,
+        "pending_dev": pending_dev,  # a dev check that a stop interrupted, redone first
+        "callback": on_dev.state() if on_dev is not None else None,
+        "seed": run.cfg.run.seed,
+        "launch": launch_facts(run, stage),
+    }
+    tag = f"step{engine.global_steps}"
+    checkpoint.commit(engine, ckpt_dir(run, stage), tag, run.ctx, state,
+                      keep=run.cfg.run.keep_checkpoints)  # fmt: skip
+    if run.ctx.is_main:
+        run.last_commit = time.monotonic()
+
+
+def step_boundary(
+    run: Run,
+    stage: str,
+    engine: Any,
+    micro: int,
+    last: bool,
+    on_dev: DevCallback | None,
+    dev_due: bool = False,
+) -> None:
+    """After an optimizer step: periodic checkpoint (every ``run.checkpoint_every`` steps or
+    ``run.checkpoint_minutes`` by rank 0's clock); and a stop that every rank agrees on (a
+    request seen by any rank, or ``run.stop_after_steps``) commits and raises ``Preempted``.
+    The stage's last step only counts: its caller commits the completed checkpoint, and a
+    stop asked for then takes effect at the next poll. ``dev_due``: a dev check follows this
+    step; a stop here commits it as pending, so the resumed run does it first."""
     run.steps_done += 1
     if last:
         return
-    limit = run.cfg.run.stop_after_steps
-    want = signals.requested() or (limit is not None and run.steps_done >= limit)
-    flag = dist.all_reduce_sum(torch.tensor([int(want)], dtype=torch.int64), run.ctx)
-    stop = bool(flag.item())  # same value on every rank: no rank-dependent branch below
-    every = run.cfg.run.checkpoint_every
-    if stop or (every and engine.global_steps % every == 0):
-        save_stage(run, stage, engine, micro, complete=False)
+    rc = run.cfg.run
+    want = signals.requested() or (rc.stop_after_steps is not None
+                                   and run.steps_done >= rc.stop_after_steps)  # fmt: skip
+    minutes = checkpoint_minutes(rc.checkpoint_minutes, os.environ)
+    due = bool(minutes) and run.ctx.is_main and time.monotonic() - run.last_commit >= 60 * minutes
+    stop, due = dist.any_rank([want, due], run.ctx)  # the same on every rank
+    every = rc.checkpoint_every
+    if stop or due or (every and engine.global_steps % every == 0):
+        pending = stop and dev_due  # a periodic commit is followed by its check right here
+        save_stage(run, stage, engine, micro, False, on_dev=on_dev, pending_dev=pending)
     if stop:
-        raise signals.Preempted(f"{stage} stopped at optimizer step {engine.global_steps}")
+        why = signals.reason() or "run.stop_after_steps"
+        raise signals.Preempted(f"{stage} stopped at optimizer step {engine.global_steps} ({why})")
 
 
-def resume_point(run: Run, stage: str, engine: Any) -> dict:
-    """Load the stage's latest committed checkpoint into ``engine`` (``run.resume: auto``)."""
+SLURM_CHECKPOINT_MINUTES = 30.0
+
+
+def checkpoint_minutes(configured: float | None, env: typing.Mapping[str, str]) -> float:
+    """``run.checkpoint_minutes``; null: periodic commits inside a Slurm job, none elsewhere."""
+    if configured is not None:
+        return configured
+    return SLURM_CHECKPOINT_MINUTES if "SLURM_JOB_ID" in env else 0.0
+
+
+def resume_point(run: Run, stage: str, engine: Any, on_dev: DevCallback | None = None) -> dict:
+    """Load the stage's committed checkpoint into ``engine`` (``run.resume: auto``; the run
+    directory was checked at start) and restore ``on_dev``'s state from it."""
     folder = ckpt_dir(run, stage)
-    tag = dist.decide(lambda: latest_tag(folder), run.ctx) if run.cfg.run.resume == "auto" else None
+    auto = run.cfg.run.resume == "auto"
+    tag = dist.decide(lambda: checkpoint.read_latest(folder), run.ctx) if auto else None
     if tag is None:
         return {"micro": 0, "complete": False}
-    client = load_checkpoint(engine, ckpt_dir(run, stage), tag, run.ctx)
-    run.say(f"{stage}: resumed from checkpoint {tag} (micro-step {client.get('micro', 0)})")
-    return {"micro": int(client.get("micro", 0)), "complete": bool(client.get("complete"))}
+    state = checkpoint.load(engine, folder, tag, run.ctx)
+    if on_dev is not None and state.get("callback") is not None:
+        on_dev.restore(state["callback"])
+    run.say(f"{stage}: resumed from checkpoint {tag} (micro-step {state['micro']})")
+    return state
 
 
 def log_train(run: Run, stage: str, engine: Any, losses: list[torch.Tensor], bar: Any) -> None:
@@ -492,13 +570,15 @@ def log_train(run: Run, stage: str, engine: Any, losses: list[torch.Tensor], bar
 # ----------------------------------------------------------------------------- stage 1
 
 
-def stage1_select(run: Run, engine: Any, tok: Any) -> tuple[Selection, list[str], list[str]]:
+def stage1_select(run: Run, engine: Any, tok: Any) -> dict:
     """Teacher selection on the unlabeled corpus with views dealt across ranks; vote counts
-    and confidence sums are all-reduced inside ``select_from_views``."""
+    and confidence sums are all-reduced inside ``select_from_views``. Returns what
+    ``selection.json`` holds (``teachers_used`` / ``students_used``: after any override)."""
     cfg, task, ctx = run.cfg, run.task, run.ctx
     corpus = task.unlabeled
     T = len(task.languages)
     views = parallel_views(corpus, task.languages)
+    run.say(f"stage 1: label distributions of {len(views)} unlabeled views")
     idx, probs = predict_probs(
         engine, tok, views, ctx, cfg.selection.batch_size, cfg.model.max_length,
         "stage 1 (selection)", cfg.log.progress, view_langs(run, len(views)),
@@ -534,7 +614,7 @@ def stage1_select(run: Run, engine: Any, tok: Any) -> tuple[Selection, list[str]
     if ctx.is_main:
         atomic_write_json(run.run_dir / "selection.json", out)
     run.say(f"stage 1: theta={sel.threshold:.4f} teachers={teachers} students={students}")
-    return sel, teachers, students
+    return out
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -579,8 +659,8 @@ def distill_step(
 
 class DevMonitor:
     """Stage 2's dev checks -> the collapse guard (:mod:`alsace_ds.guard`): TensorBoard
-    curves, ``distill_guard.json`` (its state, for resume and the report), the best healthy
-    model exported to ``distill/best``, and the early-stop decision."""
+    curves, ``distill_guard.json`` (its state, for reading; a resume takes the state from the
+    checkpoint), the best healthy model exported to ``distill/best``, the early-stop decision."""
 
     def __init__(self, run: Run, source: str) -> None:
         d = run.cfg.distill
@@ -593,13 +673,17 @@ class DevMonitor:
         self.best_dir = run.run_dir / "distill" / "best"
         self.reference: torch.Tensor | None = None  # [N, T] predictions at the start
         self.stopped_early = False
-        if run.cfg.run.resume == "auto":  # rank 0 reads the saved state, every rank gets it
-            path = self.path
-            state = dist.decide(lambda: json.loads(path.read_text()) if path.is_file() else None,
-                                run.ctx)  # fmt: skip
-            if state is not None:
-                self.guard.load(state["guard"])
-                self.reference = torch.tensor(state["reference"], dtype=torch.long)
+
+    def state(self) -> dict:
+        """The guard's history, bad-check counter, best check and start predictions."""
+        ref = None if self.reference is None else self.reference.clone()
+        return {"guard": copy.deepcopy(self.guard.state()), "reference": ref,
+                "stopped_early": self.stopped_early}  # fmt: skip
+
+    def restore(self, state: dict) -> None:
+        self.guard.load(copy.deepcopy(state["guard"]))
+        self.reference = state["reference"]
+        self.stopped_early = state["stopped_early"]
 
     def __call__(self, engine: Any, tok: Any, dev: DevResult, step: int) -> bool:
         task = self.run.task
@@ -614,14 +698,15 @@ class DevMonitor:
         verdict = self.guard.check(metrics, step)
         self._log(metrics, verdict, step)
         if verdict["improved"] and step > 0 and self.run.cfg.distill.keep_best:
-            export_hf(engine, tok, self.best_dir, self.run.ctx)
+            made_by = partial(rundir.write_provenance, cfg=self.run.cfg)
+            export_hf(engine, tok, self.best_dir, self.run.ctx, made_by)
         if verdict["problems"]:
             for p in verdict["problems"]:
                 self.run.say(f"GUARD step {step}: {p}")
         self.stopped_early = verdict["stop"]
         if self.run.ctx.is_main:
             state = {"guard": self.guard.state(), "reference": self.reference.tolist()}
-            atomic_write_json(self.path, state)
+            atomic_write_json(self.path, state)  # for people and tools; resume reads the ckpt
         if verdict["stop"]:
             self.run.say(f"GUARD: stopping stage 2 early at step {step}")
         return verdict["stop"] and self.run.cfg.distill.guard
@@ -677,7 +762,7 @@ def stage2_distill(
            if theirs else "")
     )  # fmt: skip
     moves.warn_if_stuck("distill")
-    point = resume_point(run, "distill", engine)
+    point = resume_point(run, "distill", engine, monitor)
     if point["complete"]:
         return
     if monitor is not None and point["micro"] == 0:
@@ -691,9 +776,9 @@ def stage2_distill(
         step = partial(distill_step, run, engine, tok, teachers=teachers)
     train_loop(
         run, "stage2", engine, tok, plan, n, d, cfg.run.seed + 1000, step,
-        point["micro"], roles=(teachers, students), on_dev=monitor,
+        point, roles=(teachers, students), on_dev=monitor,
     )  # fmt: skip
-    save_stage(run, "distill", engine, plan.total_micro, complete=True)
+    save_stage(run, "distill", engine, plan.total_micro, complete=True, on_dev=monitor)
 
 
 def english_self_training_step(run: Run, engine: Any, tok: Any):
@@ -729,42 +814,31 @@ def english_self_training_step(run: Run, engine: Any, tok: Any):
 # ----------------------------------------------------------------------------- the whole run
 
 
-# Sections whose change makes an old checkpoint meaningless for this run.
-RESUME_SECTIONS = ("task", "model", "stage0", "selection", "distill")
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [
-            d
-            for k in sorted(set(old) | set(new))
-            for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        ]
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} in the run directory, {new!r} now"]
-
-
-def check_resume(cfg: Config) -> None:
-    """Refuse, before any work, to mix a run directory's checkpoints with another setup."""
-    run_dir = Path(cfg.run.output_dir)
-    has_ckpt = any(latest_tag(run_dir / "checkpoints" / s) for s in ("stage0", "distill"))
-    if not has_ckpt:
-        return
-    if cfg.run.resume == "never":
-        raise ConfigError(
-            [f"run.output_dir: {run_dir} already holds checkpoints; use run.resume=auto "
-             "to continue it, or another output_dir"]
-        )  # fmt: skip
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    now = cfg.to_dict()
-    problems = [p for sec in RESUME_SECTIONS for p in _diff(saved.get(sec), now[sec], f"{sec}.")]
-    problems += _diff(
-        saved["deepspeed"].get("config"), now["deepspeed"]["config"], "deepspeed.config."
-    )
-    if problems:
-        raise ConfigError(
-            [f"cannot resume {run_dir} with a different setup ({p})" for p in problems]
-            + ["use another run.output_dir (or run.resume=never in a fresh one)"]
+def open_run_dir(cfg: Config, ctx: dist.DistContext) -> rundir.RunLock | None:
+    """Before any model is loaded: take the run directory (rank 0 holds its lock for the
+    job) and refuse, with every reason, to reuse outputs another setup made."""
+    lock = rundir.RunLock(Path(cfg.run.output_dir)) if ctx.is_main else None
+    dist.decide(lambda: lock.acquire(say=lambda m: print(f"[alsace_ds] {m}", flush=True)), ctx)
+    facts = {}
+    for stage in rundir.STAGES:
+        st = cfg.stage0 if stage == "stage0" else cfg.distill
+        ds_cfg = build_ds_config(cfg, st, ctx.world_size)
+        view = 1 if stage == "stage0" else int(cfg.distill.view_parallel_size)
+        facts[stage] = rundir.launch_facts(
+            ctx.world_size, view, int(ds_cfg["zero_optimization"]["stage"])
         )
+    try:
+        rundir.check_reuse(cfg, facts, ctx)
+        for stage in rundir.loaded_stages(Path(cfg.run.output_dir)):  # shards intact, by name
+            folder = Path(cfg.run.output_dir) / "checkpoints" / stage
+            tag = dist.decide(lambda f=folder: checkpoint.read_latest(f), ctx)
+            if tag is not None:
+                checkpoint.verify(folder, tag, ctx)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 def run_pipeline(cfg: Config, task: TaskData, ctx: dist.DistContext) -> dict:
@@ -780,69 +854,114 @@ def run_pipeline(cfg: Config, task: TaskData, ctx: dist.DistContext) -> dict:
     run.say(
         f"{ctx.world_size} rank(s) on {ctx.device.type} (rank 0: {ctx.device}), rendezvous {addr}"
     )
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # model initialisation: the same on every rank
     try:
-        report = _run_stages(run)
+        return _run_stages(run)
     finally:
         run.tb.close()
-    unlink_own_buffer(ctx.rank)  # after the last collective: every rank has mapped the others'
-    return report
+
+
+def _stats_json(stats: dict[str, torch.Tensor]) -> dict:
+    return {k: v.tolist() for k, v in stats.items()}
+
+
+def _stats_of(saved: dict) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
+
+
+def _cached(run: Run, name: str) -> Any:
+    """A finished result of an earlier attempt of this run (``results/<name>.json``)."""
+    value = rundir.load_result(run.run_dir, name, run.ctx) if run.cfg.run.resume == "auto" else None
+    if value is not None:
+        run.say(f"{name}: reusing the result of an earlier attempt (results/{name}.json)")
+    return value
 
 
 def _run_stages(run: Run) -> dict:
     cfg, task, ctx = run.cfg, run.task, run.ctx
     source = task.model_source
     if cfg.stage0.enabled:
-        done = run.run_dir / "stage0" / "model" / "config.json"
-        resumed = cfg.run.resume == "auto" and dist.decide(done.is_file, ctx)
-        source = stage0_source(run) if resumed else stage0_finetune(run)  # exports are atomic
+        exported = dist.decide(partial(rundir.stage0_exported, run.run_dir), ctx)
+        source = stage0_source(run) if exported else stage0_finetune(run)  # exports are atomic
         run.say(f"stage 2 starts from {source}")
     d = cfg.distill
     run.ctx = ctx = dist.with_view_groups(ctx, d.view_parallel_size)
     if ctx.view_size > 1:
         run.say(f"stage 2 layout: {ctx.dp_world} data-parallel group(s) x {ctx.view_size} "
                 "rank(s) sharing each example's language views")  # fmt: skip
+    before_saved, sel, final = _cached(run, "before"), _cached(run, "selection"), None
+    if d.enabled:
+        final = _cached(run, "final")
+    engine = tok = moves = None
     ds_cfg = build_ds_config(cfg, d, ctx.world_size)
-    scorer, tok, _ = load_scorer_for(run, source, ds_cfg)
     plan = plan_steps(
         len(task.unlabeled), d.micro_batch, ctx.dp_world, d.epochs, d.grad_accum, d.max_steps
     )
     total = plan.total_optimizer_steps
-    engine = build_engine(
-        scorer, ds_cfg, d.lr, d.weight_decay, total, warmup_steps(total, d.warmup_ratio), d.schedule
-    )
-    del scorer  # the engine holds the module; release_engine must free the last reference
-    moves = Movement.take(run, "stage2", engine, d, total) if d.enabled else None
-
-    before_stats = evaluate(run, engine, tok, task.test, "evaluate (before)")
-    sel, teachers, students = stage1_select(run, engine, tok)
-    before = summary(run, before_stats, teachers, students)
+    if before_saved is None or sel is None or (d.enabled and final is None):
+        scorer, tok, _ = load_scorer_for(run, source, ds_cfg)
+        engine = build_engine(scorer, ds_cfg, d.lr, d.weight_decay, total,
+                              warmup_steps(total, d.warmup_ratio), d.schedule)  # fmt: skip
+        del scorer  # the engine holds the module; release_engine must free the last reference
+        checkpoint.seed_rank(cfg.run.seed + 1000, ctx.rank)
+        moves = Movement.take(run, "stage2", engine, d, total) if d.enabled else None
+    if before_saved is None:
+        before_saved = _stats_json(evaluate(run, engine, tok, task.test, "evaluate (before)"))
+        rundir.save_result(run.run_dir, "before", before_saved, ctx)
+    if sel is None:
+        sel = stage1_select(run, engine, tok)
+        rundir.save_result(run.run_dir, "selection", sel, ctx)
+    teachers, students = sel["teachers_used"], sel["students_used"]
+    before = summary(run, _stats_of(before_saved), teachers, students)
     log_summary(run, "eval/before", before, 0)
 
     after, guard = None, None
     changes = {"stage0": _stage0_change(run)}
     if d.enabled:
-        checks = task.dev is not None and cfg.eval.every_epoch  # no dev checks: no guard
-        monitor = DevMonitor(run, source) if checks and d.guard else None
-        stage2_distill(run, engine, tok, teachers, students, monitor, moves)
-        steps = engine.global_steps
-        best = monitor.best_source(steps) if monitor else None
-        if best is not None:  # the guard kept an earlier, healthy model: report that one
-            run.say(f"stage 2: the final model is the best healthy check, {best}")
-            release_engine(engine)
-            del engine
-            scorer, tok, _ = load_scorer_for(run, best, ds_cfg)
-            engine = build_engine(scorer, ds_cfg, d.lr, d.weight_decay, total, 0)
-            del scorer
-        after = summary(
-            run, evaluate(run, engine, tok, task.test, "evaluate (after)"), teachers, students
-        )
-        log_summary(run, "eval/after", after, steps)
-        final = export_hf(engine, tok, run.run_dir / "final" / "model", ctx)
-        changes["stage2"] = moves.report(final, steps)
-        guard = monitor.summary(best or "last step") if monitor else None
-    release_engine(engine)
-    return write_report(run, sel, teachers, students, before, after, guard, changes)
+        if final is None:
+            engine, tok, final = _distill_and_evaluate(
+                run, engine, tok, source, ds_cfg, total, (teachers, students), moves
+            )
+        after = summary(run, _stats_of(final["after"]), teachers, students)
+        log_summary(run, "eval/after", after, final["steps"])
+        changes["stage2"], guard = final["change"], final["guard"]
+    if engine is not None:
+        release_engine(engine)
+    return write_report(run, sel["threshold"], teachers, students, before, after, guard, changes)
+
+
+def _distill_and_evaluate(run: Run, engine, tok, source, ds_cfg, total, roles, moves):
+    """Stage 2, the guard's choice of final model, its evaluation and export; the
+    evaluation is kept (``results/after.json``) as soon as it is done."""
+    cfg, task, ctx = run.cfg, run.task, run.ctx
+    d = cfg.distill
+    teachers, students = roles
+    checks = task.dev is not None and cfg.eval.every_epoch  # no dev checks: no guard
+    monitor = DevMonitor(run, source) if checks and d.guard else None
+    stage2_distill(run, engine, tok, teachers, students, monitor, moves)
+    steps = engine.global_steps
+    best = monitor.best_source(steps) if monitor else None
+    if best is not None:  # the guard kept an earlier, healthy model: report that one
+        run.say(f"stage 2: the final model is the best healthy check, {best}")
+        release_engine(engine)
+        del engine
+        scorer, tok, _ = load_scorer_for(run, best, ds_cfg)
+        engine = build_engine(scorer, ds_cfg, d.lr, d.weight_decay, total, 0)
+        del scorer
+    after_saved = _cached(run, "after")
+    if after_saved is None:
+        after_saved = _stats_json(evaluate(run, engine, tok, task.test, "evaluate (after)"))
+        rundir.save_result(run.run_dir, "after", after_saved, ctx)
+    made_by = partial(rundir.write_provenance, cfg=cfg)
+    exported = export_hf(engine, tok, run.run_dir / "final" / "model", ctx, made_by)
+    final = {
+        "after": after_saved,
+        "steps": steps,
+        "change": moves.report(exported, steps),  # rank 0's; saved by rank 0
+        "guard": monitor.summary(best or "last step") if monitor else None,
+    }
+    rundir.save_result(run.run_dir, "final", final, ctx)
+    return engine, tok, final
 
 
 def health_warnings(before: dict, after: dict | None, english: str | None) -> list[str]:
@@ -922,7 +1041,7 @@ def movement_markdown(changes: dict) -> str:
 
 
 def write_report(
-    run: Run, sel: Selection, teachers, students, before, after, guard=None, changes=None
+    run: Run, threshold: float, teachers, students, before, after, guard=None, changes=None
 ) -> dict:
     roles = {x: ("teacher" if x in teachers else "student") for x in run.task.languages}
     warnings = health_warnings(before, after, run.task.english)
@@ -931,7 +1050,7 @@ def write_report(
         "languages": run.task.languages,
         "teachers": teachers,
         "students": students,
-        "threshold": sel.threshold,
+        "threshold": threshold,
         "test_file": run.task.test.path,
         "num_test_examples": len(run.task.test),
         "unlabeled_file": run.task.unlabeled.path,
@@ -960,7 +1079,7 @@ def write_report(
         f"# ALSACE report\n\nTest set: `{run.task.test.path}` ({len(run.task.test)} parallel "
         f"examples x {len(run.task.languages)} languages). Accuracy in %, {gap_note}."
         f"\n\nTeachers: {', '.join(teachers)}; "
-        f"students: {', '.join(students) or '–'} (theta = {sel.threshold:.4f}).\n\n{table}"
+        f"students: {', '.join(students) or '–'} (theta = {threshold:.4f}).\n\n{table}"
         f"\n## Per language (paper Table 2 layout)\n\n{to_markdown(tables['table2'])}"
         f"\n## Students / teachers / all (paper Table 3 layout)\n\n{to_markdown(tables['table3'])}"
     )

@@ -15,9 +15,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from alsace_ds.checkpoint import CheckpointError  # noqa: E402
 from alsace_ds.config import ConfigError, config_path, load_config, with_world  # noqa: E402
 from alsace_ds.data import DataError  # noqa: E402
-from alsace_ds.dist import LaunchError, init_distributed, shutdown  # noqa: E402
+from alsace_ds.dist import LaunchError, PeerError, init_distributed, shutdown  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SILENT_RANK_EXIT_DELAY_S = 10.0
@@ -76,9 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         from alsace_ds.tasks import prepare_task
 
         cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
-        from alsace_ds.pipeline import check_resume
-
-        check_resume(cfg)
         ctx = init_distributed(cfg.deepspeed.timeout_s)
         if ctx.world_size != expected:
             # e.g. an MPI whose PMI does not match Slurm's: every task would become its own
@@ -90,26 +88,52 @@ def main(argv: list[str] | None = None) -> int:
                 "launch",
             )  # fmt: skip
         check_batches(cfg, ctx.world_size)  # the real world, e.g. after MPI discovery
-    except (ConfigError, DataError, LaunchError) as exc:
+        from alsace_ds.pipeline import open_run_dir
+
+        lock = open_run_dir(cfg, ctx)  # one job per run directory; reuse checked, agreed
+    except (ConfigError, DataError, LaunchError, PeerError, CheckpointError) as exc:
         if launcher_rank() == 0:
             print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
-        else:
+        elif not isinstance(exc, PeerError):
             # Silent, and not first out: launchers kill every rank as soon as one exits, and
             # rank 0 (found the same problem) must have printed it by then.
             time.sleep(SILENT_RANK_EXIT_DELAY_S)
+        shutdown()
         return 2
+    return run(cfg, task, ctx, lock)
+
+
+def run(cfg, task, ctx, lock) -> int:
+    """The stages, with every exit path stopping cleanly: a stop on request exits 75 and
+    tells the Slurm script so (``ALSACE_STOP_FILE``); the run-directory lock, the process
+    group and this rank's shared-memory buffer are released whatever happens."""
     from alsace_ds import signals
     from alsace_ds.pipeline import run_pipeline
+    from alsace_ds.shm_cleanup import unlink_own_buffer
 
-    signals.install()  # SIGUSR1/SIGTERM: checkpoint at the next step boundary, exit 75
+    def release() -> None:
+        unlink_own_buffer(ctx.rank)  # other ranks' mappings stay valid until they exit
+        if lock is not None:
+            lock.release()
+
+    signals.install()  # SIGUSR1/SIGTERM: stop at the next agreed poll, commit, exit 75
+    signals.watch_launcher(release)  # the launcher dies: stop too, and never outlive it
     try:
         run_pipeline(cfg, task, ctx)
-    except signals.Preempted as stop:
+    except (signals.Preempted, signals.StopRequested) as stop:
+        committed = isinstance(stop, signals.Preempted)
+        kept = "checkpoint committed" if committed else "finished work kept"
         if ctx.is_main:
-            print(f"alsace_ds: {stop}; checkpoint committed, run again to resume", flush=True)
+            print(f"alsace_ds: {stop}; {kept}, run again to resume", flush=True)
+            signals.write_stop_file(str(stop))
         return signals.EXIT_PREEMPTED
+    except CheckpointError as exc:  # changed on disk since the start-up check
+        if ctx.is_main:
+            print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         shutdown()  # the process group is destroyed on every exit path
+        release()
     return 0
 
 

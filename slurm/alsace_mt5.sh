@@ -34,9 +34,10 @@
 #SBATCH --time=24:00:00
 # %x = job name, %j = job id (the run directory is named with the same id)
 #SBATCH --output=slurm-%x-%j.out
-# Preemption and time limit: USR1 to the batch shell 300 s before the end (or at preemption);
-# every rank checkpoints at its next step, the job requeues itself and resumes from there
-# (slurm/common.sh). --open-mode=append keeps the first attempt's log in the output file.
+# Preemption and time limit: USR1 to the batch shell 300 s before the end; every rank stops at
+# its next poll and commits, the job requeues itself and resumes from there. A TERM at the
+# limit itself (no USR1 in time) does the same; a scancel is never requeued (slurm/common.sh).
+# --open-mode=append keeps the first attempt's log in the output file.
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append

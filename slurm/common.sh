@@ -121,31 +121,52 @@ if [[ ${ALSACE_DRY_RUN:-0} == 1 ]]; then
 fi
 
 cd "$REPO"
-# Preemption / time limit: Slurm sends USR1 to this shell (`--signal=B:USR1@300`). We pass it
-# to every process of the job's steps; each rank only sets a flag, all ranks agree at the next
-# optimizer step, commit a checkpoint together and exit. The job then requeues itself and the
-# next start resumes from that checkpoint (run.resume=auto, same run directory: it is named
-# after the job id, which a requeue keeps). The launcher runs in the background so that the
-# trap fires at once rather than after the launcher exits.
-preempted=0
+# Preemption and the time limit. Slurm sends USR1 to this shell (`--signal=B:USR1@300`, or a
+# user's `scancel --signal=USR1 --batch`); we pass it to every process of the job's steps. At
+# the time limit (or a scancel) Slurm itself sends TERM to this shell and to every step
+# process, and SIGKILL KillWait seconds later (30 s by default). Either way each rank only
+# sets a flag; all ranks agree at their next poll (optimizer step, or every few batches of an
+# evaluation, selection or export), commit a checkpoint (or keep the finished results) and
+# exit 75, and rank 0 writes ALSACE_STOP_FILE: torchrun reports any failing rank as exit 1,
+# so that file, not the exit code, says "stopped on request". The job requeues itself only
+# then, and only for USR1, the time limit or a preemption, never for a user's scancel or a
+# crash. The next start resumes (run.resume=auto, same run directory: it is named after the
+# job id, which a requeue keeps). The launcher runs in the background so that the traps
+# fire at once rather than after it exits.
+export ALSACE_STOP_FILE=${TMPDIR:-/tmp}/alsace-stop-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}
+rm -f "$ALSACE_STOP_FILE"
+signalled=""
 on_usr1() {
-  preempted=1
-  echo "alsace-slurm: USR1: every rank checkpoints at its next step, then the job requeues" >&2
+  signalled=USR1
+  echo "alsace-slurm: USR1: every rank stops at its next poll and commits, then the job requeues" >&2
   scancel --signal=USR1 "$SLURM_JOB_ID" || kill -USR1 "$pid"
+}
+on_term() {
+  # Not forwarded: Slurm sends TERM to every step process itself, and a second TERM would cut
+  # short torchrun's 30 s wait for its ranks' commit.
+  signalled=${signalled:-TERM}
+  echo "alsace-slurm: TERM: every rank stops at its next poll and commits" >&2
 }
 "${CMD[@]}" &
 pid=$!
 trap on_usr1 USR1
+trap on_term TERM
 rc=0
 while :; do
   wait "$pid" && rc=0 || rc=$?
   # wait also returns (status > 128) when a trapped signal arrives: keep waiting then.
   kill -0 "$pid" 2>/dev/null || break
 done
-if ((rc != 0 && preempted)); then
-  # The ranks exited at a committed checkpoint (exit 75; torchrun reports it as a failure).
-  echo "alsace-slurm: stopped at a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID" >&2
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
+if [[ -s $ALSACE_STOP_FILE ]]; then
+  why=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'Reason=[A-Za-z]*' || true)
+  echo "alsace-slurm: the ranks stopped on request: $(cat "$ALSACE_STOP_FILE")" >&2
+  rm -f "$ALSACE_STOP_FILE"
+  if [[ $signalled == USR1 || $why == Reason=TimeLimit || $why == Reason=Preempt* ]]; then
+    echo "alsace-slurm: requeueing job $SLURM_JOB_ID (${signalled:-no signal}, ${why:-Reason=?})" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "alsace-slurm: not requeued (${signalled:-no signal}, ${why:-Reason=?}): run the job again to resume" >&2
+  exit 75
 fi
 exit "$rc"

@@ -47,6 +47,21 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def run_code(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -c code args...`` as a world of one on a free port (its own process group
+    set-up), removing the shared-memory buffers it leaves."""
+    port = free_port()
+    before = shm_files(port)
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", code, *args], env=child_env({"MASTER_PORT": str(port)}),
+            cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    finally:
+        for path in shm_files(port) - before:
+            os.unlink(path)
+
+
 def shm_op_cached() -> bool:
     """True when DeepSpeed's CPU shm comm op is already JIT-built in the extension cache."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))

@@ -3,11 +3,7 @@ is freed: module, ZeRO partitions and optimizer state, under ZeRO-2 and ZeRO-3."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-from _dist_helpers import REPO, child_env, free_port, shm_files
+from _dist_helpers import run_code
 
 CODE = """
 import gc, pathlib, sys, weakref
@@ -34,17 +30,7 @@ dist.shutdown()
 
 
 def test_release_engine_frees_module_and_optimizer(tmp_path):
-    port = free_port()
-    before = shm_files(port)
-    try:
-        res = subprocess.run(
-            [sys.executable, "-c", CODE, str(tmp_path / "model")],
-            env=child_env({"MASTER_PORT": str(port)}), cwd=REPO, capture_output=True,
-            text=True, timeout=300,
-        )  # fmt: skip
-    finally:
-        for path in shm_files(port) - before:
-            os.unlink(path)
+    res = run_code(CODE, str(tmp_path / "model"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for stage in (2, 3):
         assert f"zero{stage}: module freed True, optimizer freed True" in res.stdout, res.stdout

@@ -83,12 +83,19 @@ def _wait(job: str, out: Path, timeout: float) -> dict[str, str]:
         info = _job_state(job)
         if info.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}:
             return info
+        _start_requeued_now(info)
         time.sleep(1)
     _sh("scancel", job)
     text = out.read_text() if out.exists() else "(no output file)"
     pytest.fail(
         f"job {job} not done after {timeout}s (state {info.get('JobState')}):\n{text[-5000:]}"
     )
+
+
+def _start_requeued_now(info: dict[str, str]) -> None:
+    """Slurm holds a requeued job for ~2 minutes (Reason=BeginTime); a test need not wait."""
+    if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+        _sh("scontrol", "update", f"JobId={info['JobId']}", "StartTime=now")
 
 
 def _cleanup(job: str, port: str | None) -> None:
@@ -174,43 +181,87 @@ def _loss_curve(run_dir: Path) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars("stage2/train/loss")}
 
 
-def test_preemption_requeues_resumes_and_matches(cluster, tmp_path):
-    """USR1 to the batch shell (what `--signal=B:USR1` does): every rank checkpoints, the job
-    requeues itself, resumes from the checkpoint and ends with the same losses as a job that
-    was never interrupted."""
-    env = {"ALSACE_CPU": "1", "NPROC_PER_NODE": "2", "ALSACE_CACHE": str(tmp_path / "cache")}
-    long = [*TINY, "distill.max_steps=40", "distill.epochs=10", "run.log_every=1"]
-    long += ["eval.every_epoch=false"]
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    job, out = _submit(tmp_path, env, [*long, f"run.output_dir={ref_dir}"])
+# Long enough (~80 s on 2 cores) for a 1-minute time limit to cut it in stage 2; selection
+# one view per forward over 200 examples x 7 languages (~7 s) so a signal can land in it.
+LONG = [*TINY, "distill.max_steps=500", "distill.epochs=100", "run.log_every=1",
+        "eval.every_epoch=false", "selection.batch_size=1", "task.max_unlabeled=200"]  # fmt: skip
+CPU_ENV = {"ALSACE_CPU": "1", "NPROC_PER_NODE": "2"}
+
+
+@pytest.fixture(scope="module")
+def long_reference(cluster, tmp_path_factory) -> Path:
+    """The uninterrupted job that every interrupted one must end equal to."""
+    tmp = tmp_path_factory.mktemp("slurm_reference")
+    env = {**CPU_ENV, "ALSACE_CACHE": str(tmp / "cache")}
+    job, out = _submit(tmp, env, [*LONG, f"run.output_dir={tmp / 'run'}"])
     try:
-        info = _wait(job, out, 300)
+        info = _wait(job, out, 400)
     finally:
         _cleanup(job, _port(out.read_text()) if out.exists() else None)
     assert info["JobState"] == "COMPLETED", out.read_text()[-3000:]
+    return tmp / "run"
 
-    job, out = _submit(tmp_path, env, [*long, f"run.output_dir={run_dir}"])
+
+def _wait_for_line(job: str, out: Path, line: str, after: int = 0, timeout: float = 300) -> int:
+    """Wait until ``line`` appears in the job's output past offset ``after``; its offset."""
+    deadline = time.monotonic() + timeout
+    while (at := (out.read_text() if out.exists() else "").find(line, after)) < 0:
+        assert time.monotonic() < deadline, f"never saw {line!r}"
+        _start_requeued_now(_job_state(job))
+        time.sleep(0.2)
+    return at
+
+
+def _matches_reference(run_dir: Path, ref: Path) -> None:
+    ref_losses, got = _loss_curve(ref), _loss_curve(run_dir)
+    assert sorted(got) == list(range(1, 501))  # every step logged, none lost or repeated
+    assert got == ref_losses  # bit-identical losses, the final one included
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (ref, run_dir))
+    for key in ("teachers", "students", "before", "after", "param_change"):
+        assert ra[key] == rb[key], key
+    md = [(d / "report.md").read_text().replace(str(d.parent), "<tmp>") for d in (ref, run_dir)]
+    assert md[0] == md[1]  # the same report, but for where each job's data cache was
+
+
+def test_usr1_in_selection_then_the_time_limit_requeue_and_resume(
+    cluster, tmp_path, long_reference
+):
+    """One job, three attempts, each cut the way Slurm cuts jobs:
+    1. USR1 to the batch shell (what `--signal=B:USR1` does) during selection: every rank
+       stops at its next poll inside the inference loop; the job requeues itself;
+    2. the 1-minute `--time` runs out in stage 2, with no USR1 beforehand: Slurm sends TERM
+       to the batch shell and every step process (SIGKILL 30 s later), torchrun forwards it,
+       the ranks commit and exit, the shell sees Reason=TimeLimit and the stop file, requeues;
+    3. the job resumes from that commit and finishes.
+    Finished work is kept (the evaluation before, then the selection), and the job ends
+    equal to one that was never interrupted."""
+    env = {**CPU_ENV, "ALSACE_CACHE": str(tmp_path / "cache")}
+    run_dir = tmp_path / "run"
+    # --signal=B:URG@1 replaces the script's USR1@300 (URG is ignored by bash): TERM only.
+    job, out = _submit(tmp_path, env, [*LONG, f"run.output_dir={run_dir}"],
+                       ["--time=1", "--signal=B:URG@1"])  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
-        while "stage 2: self-distillation" not in (out.read_text() if out.exists() else ""):
-            assert time.monotonic() < deadline, "stage 2 never started"
-            time.sleep(0.5)
-        time.sleep(1)
+        _wait_for_line(job, out, "stage 1: label distributions of 1400 unlabeled views")
         assert _sh("scancel", "--signal=USR1", "--batch", job).returncode == 0
-        info = _wait(job, out, 400)
+        info = _wait(job, out, 600)
         text = out.read_text()
     finally:
         _cleanup(job, _port(out.read_text()) if out.exists() else None)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-5000:]
-    assert info.get("Restarts") == "1", info
-    assert "requeueing job" in text and "distill: resumed from checkpoint" in text, text[-5000:]
-    ref, got = _loss_curve(ref_dir), _loss_curve(run_dir)
-    assert sorted(got) == list(range(1, 41))
-    assert got == ref  # bit-identical losses, the final one included
-    assert (
-        json.loads((run_dir / "report.json").read_text())["after"]
-        == json.loads((ref_dir / "report.json").read_text())["after"]
-    )
+    assert info.get("Restarts") == "2", info
+    first = text.index("requeueing job")
+    second = text.index("requeueing job", first + 1)
+    one, two, three = text[:first], text[first:second], text[second:]
+    assert "alsace_ds: stopped during stage 1 (selection) (SIGUSR1); finished work kept" in one
+    assert "stopped on request: stopped during stage 1 (selection) (SIGUSR1)\n" in one
+    assert f"requeueing job {job} (USR1, " in text[first:]
+    assert "before: reusing the result of an earlier attempt" in two
+    assert two.count("stage 1: label distributions") == 1  # selection redone, once
+    assert "DUE TO TIME LIMIT" in two and "alsace-slurm: TERM:" in two
+    assert "alsace_ds: stage2 stopped at optimizer step" in two and "(SIGTERM)" in two
+    assert f"requeueing job {job} (TERM, Reason=TimeLimit)" in text[second:]
+    assert "selection: reusing the result" in three and "distill: resumed from checkpoint" in three
+    _matches_reference(run_dir, long_reference)
 
 
 def _curves(run_dir: Path) -> dict[str, dict[int, float]]:
