@@ -461,14 +461,13 @@ def ckpt_dir(run: Run, stage: str) -> Path:
     return run.run_dir / "checkpoints" / CKPT_NAMES[stage]
 
 
-def launch_facts(run: Run, stage: str, engine_config: dict | None = None) -> dict:
+def launch_facts(cfg: Config, stage: str, world_size: int) -> dict:
     """The launch a stage's checkpoint is only valid for (ZeRO keeps state per rank)."""
-    cfg, ctx = run.cfg, run.ctx
     name = CKPT_NAMES[stage]
     st = cfg.stage0 if name == "stage0" else cfg.distill
-    ds_cfg = engine_config or build_ds_config(cfg, st, ctx.world_size)
+    zero = int(build_ds_config(cfg, st, world_size)["zero_optimization"]["stage"])
     view = 1 if name == "stage0" else int(cfg.distill.view_parallel_size)
-    return rundir.launch_facts(ctx.world_size, view, int(ds_cfg["zero_optimization"]["stage"]))
+    return rundir.launch_facts(world_size, view, zero)
 
 
 def save_stage(
@@ -488,7 +487,7 @@ def save_stage(
         "pending_dev": pending_dev,  # a dev check that a stop interrupted, redone first
         "callback": on_dev.state() if on_dev is not None else None,
         "seed": run.cfg.run.seed,
-        "launch": launch_facts(run, stage),
+        "launch": launch_facts(run.cfg, stage, run.ctx.world_size),
     }
     tag = f"step{engine.global_steps}"
     checkpoint.commit(engine, ckpt_dir(run, stage), tag, run.ctx, state,
@@ -819,14 +818,7 @@ def open_run_dir(cfg: Config, ctx: dist.DistContext) -> rundir.RunLock | None:
     job) and refuse, with every reason, to reuse outputs another setup made."""
     lock = rundir.RunLock(Path(cfg.run.output_dir)) if ctx.is_main else None
     dist.decide(lambda: lock.acquire(say=lambda m: print(f"[alsace_ds] {m}", flush=True)), ctx)
-    facts = {}
-    for stage in rundir.STAGES:
-        st = cfg.stage0 if stage == "stage0" else cfg.distill
-        ds_cfg = build_ds_config(cfg, st, ctx.world_size)
-        view = 1 if stage == "stage0" else int(cfg.distill.view_parallel_size)
-        facts[stage] = rundir.launch_facts(
-            ctx.world_size, view, int(ds_cfg["zero_optimization"]["stage"])
-        )
+    facts = {stage: launch_facts(cfg, stage, ctx.world_size) for stage in rundir.STAGES}
     try:
         rundir.check_reuse(cfg, facts, ctx)
         for stage in rundir.loaded_stages(Path(cfg.run.output_dir)):  # shards intact, by name
