@@ -525,7 +525,7 @@ def step_boundary(
         pending = stop and dev_due  # a periodic commit is followed by its check right here
         save_stage(run, stage, engine, micro, False, on_dev=on_dev, pending_dev=pending)
     if stop:
-        why = signals.reason() or "run.stop_after_steps"
+        why = "run.stop_after_steps" if want and not signals.requested() else signals.reason()
         raise signals.Preempted(f"{stage} stopped at optimizer step {engine.global_steps} ({why})")
 
 

@@ -64,7 +64,8 @@ def requested() -> bool:
 
 
 def reason() -> str:
-    return _reasons[0] if _reasons else ""
+    """Why this rank stops: its first request, or (agreed at a poll) another rank's."""
+    return _reasons[0] if _reasons else "a request another rank saw"
 
 
 def clear() -> None:
@@ -144,10 +145,11 @@ def watch_launcher(on_exit, poll_s: float = 0.5) -> list[Proc]:
         while (dead := gone(chain)) is None:
             time.sleep(poll_s)
         request(f"the launcher ({dead.name}, pid {dead.pid}) exited")
-        if os.environ.get("RANK", "0") == "0":
-            print(f"alsace_ds: the launcher ({dead.name}, pid {dead.pid}) exited: stopping at "
-                  f"a checkpoint, at most {LAUNCHER_GONE_GRACE_S:g} s", file=sys.stderr,
-                  flush=True)  # fmt: skip
+        # Every rank that notices says so: the first to notice may not be rank 0.
+        rank = os.environ.get("RANK", "?")
+        print(f"alsace_ds: rank {rank}: the launcher ({dead.name}, pid {dead.pid}) exited: "
+              f"stopping at a checkpoint, at most {LAUNCHER_GONE_GRACE_S:g} s", file=sys.stderr,
+              flush=True)  # fmt: skip
         time.sleep(LAUNCHER_GONE_GRACE_S)
         on_exit()
         os._exit(EXIT_PREEMPTED)

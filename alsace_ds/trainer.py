@@ -39,7 +39,7 @@ def poll_stop(i: int, every: int, ctx: dist.DistContext, what: str) -> None:
     """At iteration ``i`` of a loop every rank runs equally often: raise
     ``signals.StopRequested`` on every rank when any rank was asked to stop."""
     if i % every == 0 and dist.any_rank([signals.requested()], ctx)[0]:
-        raise signals.StopRequested(f"stopped during {what} ({signals.reason() or 'a peer'})")
+        raise signals.StopRequested(f"stopped during {what} ({signals.reason()})")
 
 
 # ----------------------------------------------------------------------------- model + engine

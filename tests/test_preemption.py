@@ -156,7 +156,7 @@ def test_term_to_the_deepspeed_command_stops_its_ranks_and_a_rerun_waits(
             pass
         _clean_shm(port)
     text = log.read_text()
-    assert "alsace_ds: the launcher (deepspeed, pid" in text and "exited: stopping" in text
+    assert ": the launcher (deepspeed, pid" in text and "exited: stopping" in text
     # at a step boundary, or inside the dev check that follows one (redone on resume)
     assert "alsace_ds: stage2" in text and "checkpoint committed" in text, text[-3000:]
     assert rerun.returncode == 0, rerun.stdout[-5000:]
