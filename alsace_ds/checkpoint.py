@@ -11,9 +11,9 @@ and collapse-guard state, the launch facts), every rank's RNG states, then a man
 every file's size and SHA-256 (hashed in parallel, a share per rank) and only then ``latest``.
 A crash at any point leaves the previous commit in force. A resume reads ``latest``
 (:func:`read_latest`: a missing tag or a broken file is an error that names it, and nothing
-is deleted), verifies the files against the manifest (:func:`verify`) and loads them with
-``torch.load(weights_only=True)`` and an allowlist of the three DeepSpeed classes its state
-holds (:func:`load`): a pickle planted in a run directory is refused, never run.
+is deleted), verifies the files against the manifest at start-up (:func:`verify`) and loads
+them with ``torch.load(weights_only=True)`` and an allowlist of the DeepSpeed classes their
+state holds (:func:`load`): a pickle planted in a run directory is refused, never run.
 """
 
 from __future__ import annotations
@@ -232,9 +232,10 @@ def verify(ckpt_dir: Path, tag: str, ctx: dist.DistContext) -> None:
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str, ctx: dist.DistContext) -> dict:
-    """Verify, then restore module, optimizer, scheduler and this rank's RNG (no pickle);
-    returns the training state committed with the tag."""
-    verify(ckpt_dir, tag, ctx)
+    """Restore module, optimizer, scheduler and this rank's RNG (no pickle); returns the
+    training state committed with the tag. The files were checked by :func:`verify` at
+    start-up (``pipeline.open_run_dir`` verifies every checkpoint a run will load), not
+    hashed a second time here."""
     ce = engine.checkpoint_engine
     ce.load = _safe_loader(ce.load)
     _, client = engine.load_checkpoint(

@@ -127,7 +127,7 @@ def run(cfg, task, ctx, lock) -> int:
             print(f"alsace_ds: {stop}; {kept}, run again to resume", flush=True)
             signals.write_stop_file(str(stop))
         return signals.EXIT_PREEMPTED
-    except CheckpointError as exc:  # changed on disk since the start-up check
+    except CheckpointError as exc:  # e.g. a file the weights-only loader refuses
         if ctx.is_main:
             print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -39,6 +39,7 @@ class Evil:
 
 def attempt(engine, folder):
     try:
+        checkpoint.verify(folder, "step1", ctx)  # what start-up does before any load
         state = checkpoint.load(engine, folder, "step1", ctx)
         return {"ok": state}
     except checkpoint.CheckpointError as exc:
