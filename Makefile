@@ -39,7 +39,7 @@ SEEDS ?= 1 2 3
 REAL_OUT ?= runs/real
 REAL_ARGS ?=
 real: setup
-	$(PY) -m alsace_ds.real --seeds $(SEEDS) --out $(REAL_OUT) $(REAL_ARGS); \
+	$(PY) -m alsace_ds.tools.real --seeds $(SEEDS) --out $(REAL_OUT) $(REAL_ARGS); \
 	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 
 # The benchmarks of docs/benchmarks.md (real e5-small; BENCH_ARGS e.g. --model tiny).
@@ -68,4 +68,4 @@ format: setup
 # DeepSpeed's CPU shared-memory all-reduce leaves one ~69 MB buffer per rank in /dev/shm
 # when started by its launcher; remove those that no live process holds open.
 clean-shm:
-	@$(PY) -m alsace_ds.shm_cleanup
+	@$(PY) -m alsace_ds.tools.shm_cleanup

@@ -22,7 +22,7 @@ import yaml
 
 FAMILIES = ("xlmr", "mt5")
 EMBEDDED = "embedded"
-HUB_TASKS = ("xnli", "pawsx", "xcopa")  # loaded by name with `datasets` (alsace_ds.hub_tasks)
+HUB_TASKS = ("xnli", "pawsx", "xcopa")  # loaded by name with `datasets` (alsace_ds.data.hub)
 TASK_NAMES = (EMBEDDED, "jsonl", *HUB_TASKS)
 # The heads each family offers; the first is its default (model.head: null).
 HEADS = {"xlmr": ("classification", "cloze"), "mt5": ("label_words",)}
@@ -67,9 +67,9 @@ class RunConfig:
 
 @dataclass
 class TaskConfig:
-    # "embedded": the synthetic parallel task built locally (alsace_ds.embedded);
-    # "jsonl": your own files in the documented JSONL format (alsace_ds.data);
-    # "xnli" | "pawsx" | "xcopa": loaded by name with `datasets` (alsace_ds.hub_tasks).
+    # "embedded": the synthetic parallel task built locally (alsace_ds.data.embedded);
+    # "jsonl": your own files in the documented JSONL format (alsace_ds.data.corpus);
+    # "xnli" | "pawsx" | "xcopa": loaded by name with `datasets` (alsace_ds.data.hub).
     name: str = EMBEDDED
     languages: list[str] = field(default_factory=list)  # empty = all the task's languages
     # The reference language of the transfer gap and of stage 0; null = none (XCOPA has no
@@ -83,7 +83,7 @@ class TaskConfig:
     test_file: str | None = None  # parallel, labeled (before/after report)
     # Hub tasks: the dataset (Hub id, or a local folder with the same layout; null = the
     # task's Hub id) and one split per role; "validation[:500]" style slices are applied
-    # after the views are joined. null = the task's default (see alsace_ds.tasks).
+    # after the views are joined. null = the task's default (see alsace_ds.data.tasks).
     source: str | None = None
     train_source: str | None = None  # XCOPA's English training set (COPA); null = aps/super_glue
     train_split: str | None = None
@@ -105,7 +105,7 @@ class ModelConfig:
     # with the mask token, read at one verbalizer word per label); mt5: "label_words"
     # (scored at the first decoder step). null = the family's default.
     head: str | None = None
-    # Templates and verbalizers (alsace_ds/prompts/<task>.yaml by default): a YAML file in
+    # Templates and verbalizers (alsace_ds/data/templates/<task>.yaml by default): a YAML file in
     # the same format to use your own. Used by cloze / label_words on Hub tasks.
     prompts_file: str | None = None
     # jsonl/embedded tasks: one word per label shared by all languages (default: label names)
@@ -193,7 +193,7 @@ class DistillConfig:
     # Dev checks: optimizer steps between them (0 = at epoch ends). With eval_every > 0 the
     # checks are at the start, every eval_every steps and at the end, not at epoch ends (a
     # 100-epoch preset would otherwise check 100 times). Each check feeds the collapse guard
-    # (alsace_ds.guard): English dev accuracy, mean-prediction entropy, agreement with the
+    # (alsace_ds.method.guard): English dev accuracy, mean-prediction entropy, agreement with the
     # start, cross-lingual consistency; no target-language labels.
     eval_every: int = 0
     guard: bool = True  # stop early when unhealthy; needs a dev set
@@ -204,7 +204,9 @@ class DistillConfig:
     # 0 = off. Off by default: with a large gap, real gains change many predictions (the
     # embedded default moves 23% of a student's predictions while its accuracy rises).
     guard_min_agreement: float = 0.0
-    keep_best: bool = True  # report and export the latest healthy check (see alsace_ds.guard)
+    keep_best: bool = (
+        True  # report and export the latest healthy check (see alsace_ds.method.guard)
+    )
     # "alsace" (teacher selection + self-distillation) or the paper's Table 4 baseline
     # "english_self_training": pseudo-label the unlabeled English views, keep the most
     # confident half, fine-tune on them with cross-entropy (same lr/epochs/batch).

@@ -1,7 +1,7 @@
 """Entry point: ``deepspeed --num_gpus N alsace_ds/train.py [--config FILE] [key=value ...]``.
 
 Thin on purpose: parse the config, validate config and data (before any process group,
-model or GPU), initialise distributed, run the stages (``alsace_ds.pipeline``).
+model or GPU), initialise distributed, run the stages (``alsace_ds.recipes.alsace``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alsace_ds.checkpoint import CheckpointError  # noqa: E402
 from alsace_ds.config import ConfigError, config_path, load_config, with_world  # noqa: E402
-from alsace_ds.data import DataError  # noqa: E402
-from alsace_ds.dist import LaunchError, PeerError, init_distributed, shutdown  # noqa: E402
+from alsace_ds.data.corpus import DataError  # noqa: E402
+from alsace_ds.engine.checkpoint import CheckpointError  # noqa: E402
+from alsace_ds.parallel import LaunchError, PeerError, init_distributed, shutdown  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SILENT_RANK_EXIT_DELAY_S = 10.0
@@ -61,7 +61,7 @@ def launcher_rank() -> int:
 
 
 def check_batches(cfg, world: int) -> None:
-    from alsace_ds.ds_config import build_ds_config
+    from alsace_ds.engine.ds_config import build_ds_config
 
     for stage in (cfg.stage0, cfg.distill):
         build_ds_config(cfg, stage, world)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         expected = launcher_world_size()
         cfg = with_world(cfg, expected)
         check_batches(cfg, expected)
-        from alsace_ds.tasks import prepare_task
+        from alsace_ds.data.tasks import prepare_task
 
         cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
         ctx = init_distributed(cfg.deepspeed.timeout_s)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 "launch",
             )  # fmt: skip
         check_batches(cfg, ctx.world_size)  # the real world, e.g. after MPI discovery
-        from alsace_ds.pipeline import open_run_dir
+        from alsace_ds.recipes.alsace import open_run_dir
 
         lock = open_run_dir(cfg, ctx)  # one job per run directory; reuse checked, agreed
     except (ConfigError, DataError, LaunchError, PeerError, CheckpointError) as exc:
@@ -107,9 +107,9 @@ def run(cfg, task, ctx, lock) -> int:
     """The stages, with every exit path stopping cleanly: a stop on request exits 75 and
     tells the Slurm script so (``ALSACE_STOP_FILE``); the run-directory lock, the process
     group and this rank's shared-memory buffer are released whatever happens."""
-    from alsace_ds import signals
-    from alsace_ds.pipeline import run_pipeline
-    from alsace_ds.shm_cleanup import unlink_own_buffer
+    from alsace_ds.engine import signals
+    from alsace_ds.recipes.alsace import run_pipeline
+    from alsace_ds.tools.shm_cleanup import unlink_own_buffer
 
     def release() -> None:
         unlink_own_buffer(ctx.rank)  # other ranks' mappings stay valid until they exit

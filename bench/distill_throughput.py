@@ -2,7 +2,7 @@
 scheme, same model, same batch, same pair set, same process.
 
 - ours: ONE forward over all B x T views -> log_softmax -> ``[B, T, C]`` ->
-  ``alsace_ds.distill.pair_kl_loss(..., pairs="unordered")`` -> one backward.
+  ``alsace_ds.method.pairs.pair_kl_loss(..., pairs="unordered")`` -> one backward.
 - pairwise (pkunlp-icler/ALSACE, ``LMTrainer.compute_loss``): for every unordered pair (t1, t2)
   of ``build_pairs(..., "unordered")`` two forwards over the B views of each language and
   ``KLDivLoss(reduction="batchmean", log_target=True)(log_softmax(logits_t2),
@@ -129,8 +129,8 @@ class Steps:
         device: str | torch.device = "cpu",
         autocast: torch.dtype | None = None,
     ):
-        from alsace_ds.distill import build_pairs
-        from alsace_ds.models import encode_views
+        from alsace_ds.method.pairs import build_pairs
+        from alsace_ds.models.scorers import encode_views
 
         self.model = model
         self.device = torch.device(device)
@@ -161,7 +161,7 @@ class Steps:
         return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
     def ours(self) -> float:
-        from alsace_ds.distill import pair_kl_loss
+        from alsace_ds.method.pairs import pair_kl_loss
 
         _zero_grad(self.model)
         with self._compute():

@@ -684,11 +684,11 @@ def throughput_model(args: argparse.Namespace) -> tuple[str, str]:
     """(--model value, description): real e5-small if a built folder is in the cache."""
     if args.throughput_model:
         return args.throughput_model, "as given (--throughput-model)"
-    from alsace_ds.tasks import cache_dir
+    from alsace_ds.data.tasks import cache_dir
 
     real = cache_dir() / "e5-small"
     if (real / "model.safetensors").is_file() and (real / "tokenizer.json").is_file():
-        return str(real), "real weights (alsace_ds.assets.e5), e5-small"
+        return str(real), "real weights (alsace_ds.tools.assets.e5), e5-small"
     return "e5-random", "random init, e5-small architecture"
 
 

@@ -26,7 +26,7 @@ WHEEL_TARGET=${WHEEL_TARGET:-/tmp/site}
 # What the GPU machine (an image with torch 2.11, transformers 5.17, ...; see
 # /work/.library/device/KINDS.md) lacks for this project: deepspeed and its pure-Python
 # dependencies not in that image. Pinned to what constraints.txt pins here. datasets is not
-# needed: the embedded task never imports it (alsace_ds/hub_tasks.py imports it lazily, for the
+# needed: the embedded task never imports it (alsace_ds/data/hub.py imports it lazily, for the
 # Hub tasks only). typing-extensions is in the image, but pydantic 2.14 needs a recent one.
 DEEPSPEED_VERSION=0.19.8
 PURE_WHEELS=(hjson==3.1.0 pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5

@@ -3,7 +3,7 @@
 N parallel examples x T languages = N*T views (XNLI-like premise/hypothesis pairs with a
 realistic spread of lengths), in the original view order ``v = i*T + t`` (the row order of
 ``probs.reshape(-1, C)`` that ``select_teachers`` uses). Two batchings of the same views,
-both from ``alsace_ds.batching.view_batches`` on one rank:
+both from ``alsace_ds.data.batching.view_batches`` on one rank:
 
 - arrival: consecutive views in their original order (``lengths=None``);
 - bucketed: views sorted longest first by the length ``predict_probs`` uses (characters of
@@ -72,7 +72,7 @@ def infer(
     num_labels: int,
 ) -> tuple[torch.Tensor, int, int]:
     """(probs ``[V, C]`` in original view order, pad tokens, all tokens)."""
-    from alsace_ds.models import encode_views
+    from alsace_ds.models.scorers import encode_views
 
     probs = torch.full((len(views), num_labels), float("nan"))
     pad = total = 0
@@ -129,10 +129,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     common.setup_env()
     args = parse_args(argv)
     common.apply_threads(args.threads)
-    from alsace_ds.batching import view_batches
-    from alsace_ds.dist import DistContext
-    from alsace_ds.selection import select_teachers, view_predictions
-    from alsace_ds.trainer import predict_probs
+    from alsace_ds.data.batching import view_batches
+    from alsace_ds.engine.trainer import predict_probs
+    from alsace_ds.method.selection import select_teachers, view_predictions
+    from alsace_ds.parallel import ParallelContext
 
     path = common.resolve_model(args.model)
     model, tok, warnings = common.load_model(path, args.labels, args.seed)
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
 
     # The real inference path gives the bucketed result (same batches, same code).
-    idx, pp = predict_probs(model, tok, views, DistContext(), args.batch_size, args.max_length,
+    idx, pp = predict_probs(model, tok, views, ParallelContext(), args.batch_size, args.max_length,
                             "selection", False)  # fmt: skip
     real = torch.empty(len(views), c)
     real[idx] = pp

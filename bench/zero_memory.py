@@ -3,7 +3,7 @@
 Each configuration runs in a fresh pair of processes, one after the other:
 ``deepspeed --num_gpus 2 bench/zero_worker.py ...`` with ``DS_ACCELERATOR=cpu`` and
 ``OMP_NUM_THREADS=1``. The worker builds the engine from the repository's
-``ds_configs/zero{1,2,3,3_offload}.json`` through ``alsace_ds.ds_config.build_ds_config`` (stage
+``ds_configs/zero{1,2,3,3_offload}.json`` through ``alsace_ds.engine.ds_config.build_ds_config`` (stage
 0 = zero1.json with ``deepspeed.zero_stage=0``), loads the model with ``trainer.load_for_stage``
 (partitioned at construction under ZeRO-3), wraps a torch AdamW with ``trainer.build_engine``
 and runs ``--steps`` cross-entropy steps on random token ids. Per rank it reports:
@@ -19,7 +19,7 @@ and runs ``--steps`` cross-entropy steps on random token ids. Per rank it report
 On this CPU machine "device" and "host" memory are the same RAM, so offload moves nothing out
 of the process: it is measured for completeness, not expected to save memory here.
 DeepSpeed's shm buffers of each run are removed after it, and stale ones at the end
-(``python -m alsace_ds.shm_cleanup``).
+(``python -m alsace_ds.tools.shm_cleanup``).
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results["configs"][name] = summarize(name, runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "alsace_ds.shm_cleanup"], cwd=common.REPO,
+        subprocess.run([sys.executable, "-m", "alsace_ds.tools.shm_cleanup"], cwd=common.REPO,
                        check=False)  # fmt: skip
 
     rows = []

@@ -139,13 +139,13 @@ def main() -> None:
     args = p.parse_args()
 
     mem = {"start": _rss()}
-    from alsace_ds import dist
+    from alsace_ds import parallel
     from alsace_ds.config import load_config
-    from alsace_ds.ds_config import build_ds_config
-    from alsace_ds.shm_cleanup import unlink_own_buffer
-    from alsace_ds.trainer import build_engine, load_for_stage
+    from alsace_ds.engine.ds_config import build_ds_config
+    from alsace_ds.engine.trainer import build_engine, load_for_stage
+    from alsace_ds.tools.shm_cleanup import unlink_own_buffer
 
-    ctx = dist.init_distributed(timeout_s=300.0)
+    ctx = parallel.init_distributed(timeout_s=300.0)
     cfg = load_config(
         None,
         [
@@ -207,9 +207,9 @@ def main() -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{ctx.rank}.json").write_text(json.dumps(result, indent=2))
-    dist.barrier(ctx)
+    parallel.barrier(ctx)
     unlink_own_buffer(ctx.rank)
-    dist.shutdown()
+    parallel.shutdown()
 
 
 if __name__ == "__main__":

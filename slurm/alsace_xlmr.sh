@@ -22,7 +22,7 @@
 # (`--gpus-per-node=0` is accepted; `--gres=none` is refused by Slurm 22.05.)
 #
 # Which ZeRO stage / offload fits your GPUs, and how many you need:
-#   python -m alsace_ds.plan --model xlm-roberta-large --nodes 1 --gpus-per-node 8 --gpu-mem 80
+#   python -m alsace_ds.tools.plan --model xlm-roberta-large --nodes 1 --gpus-per-node 8 --gpu-mem 80
 # --- Edit for your cluster (partition/account lines: add `#SBATCH --partition=...` etc.) ---
 #SBATCH --job-name=alsace-xlmr
 #SBATCH --nodes=1

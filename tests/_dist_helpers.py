@@ -155,11 +155,11 @@ def launch(
 def _run_cases(spec_path: str, out_dir: str) -> None:
     import torch
 
-    from alsace_ds import dist
-    from alsace_ds.selection import select_from_views
+    from alsace_ds import parallel
+    from alsace_ds.method.selection import select_from_views
 
     spec = torch.load(spec_path)
-    ctx = dist.init_distributed(timeout_s=float(spec.get("timeout_s", 60.0)))
+    ctx = parallel.init_distributed(timeout_s=float(spec.get("timeout_s", 60.0)))
     assert ctx.world_size == int(os.environ["WORLD_SIZE"]), ctx
     assert ctx.rank == int(os.environ["RANK"]) and ctx.distributed, ctx
     results: dict = {"ctx": (ctx.rank, ctx.world_size, ctx.local_rank, str(ctx.device))}
@@ -169,27 +169,29 @@ def _run_cases(spec_path: str, out_dir: str) -> None:
             if spec.get("die_mode") == "stall":  # alive but never joins
                 time.sleep(2 * ctx.timeout_s)
             os._exit(0)  # leave without joining the collective
-        dist.all_reduce_sum(torch.ones(3), ctx)  # must fail, not hang
+        parallel.all_reduce_sum(torch.ones(3), ctx)  # must fail, not hang
         raise SystemExit("collective with a dead peer returned")
 
     # Collective primitives.
     local = torch.tensor([ctx.rank + 1, 10 * (ctx.rank + 1)], dtype=torch.int64)
-    reduced = dist.all_reduce_sum(local, ctx)
+    reduced = parallel.all_reduce_sum(local, ctx)
     results["all_reduce_int64"] = reduced.tolist()
     results["input_untouched"] = local.tolist() == [ctx.rank + 1, 10 * (ctx.rank + 1)]
-    results["all_reduce_float64"] = dist.all_reduce_sum(
+    results["all_reduce_float64"] = parallel.all_reduce_sum(
         torch.tensor([0.1 * ctx.rank], dtype=torch.float64), ctx
     ).tolist()
-    results["broadcast"] = dist.broadcast_object({"from": ctx.rank}, ctx, src=0)
-    results["broadcast_last"] = dist.broadcast_object(ctx.rank * 7, ctx, src=ctx.world_size - 1)
-    results["gather"] = dist.all_gather_object(f"r{ctx.rank}", ctx)
+    results["broadcast"] = parallel.broadcast_object({"from": ctx.rank}, ctx, src=0)
+    results["broadcast_last"] = parallel.broadcast_object(ctx.rank * 7, ctx, src=ctx.world_size - 1)
+    results["gather"] = parallel.all_gather_object(f"r{ctx.rank}", ctx)
     # a decision read by rank 0 only (each rank would read its own rank here)
-    results["decide"] = dist.decide(lambda: {"read_by": ctx.rank}, ctx)
+    results["decide"] = parallel.decide(lambda: {"read_by": ctx.rank}, ctx)
     part = torch.arange(3, dtype=torch.float32) + 10 * ctx.rank  # a ZeRO-3-like partition
-    results["partitions"] = dist.all_gather_partitions(part, 3 * ctx.world_size - 1, ctx).tolist()
-    dist.barrier(ctx)
+    results["partitions"] = parallel.all_gather_partitions(
+        part, 3 * ctx.world_size - 1, ctx
+    ).tolist()
+    parallel.barrier(ctx)
 
-    reduce = dist.reducer(ctx)
+    reduce = parallel.reducer(ctx)
     cases = {}
     for case in spec["cases"]:
         probs, owner = case["probs"], case["owner"]
@@ -217,8 +219,8 @@ def _run_cases(spec_path: str, out_dir: str) -> None:
         }
     results["cases"] = cases
     torch.save(results, os.path.join(out_dir, f"rank{ctx.rank}.pt"))
-    dist.barrier(ctx)
-    dist.shutdown()
+    parallel.barrier(ctx)
+    parallel.shutdown()
 
 
 if __name__ == "__main__":

@@ -224,8 +224,8 @@ def vocabulary(task: str, columns: Iterable[str], languages: Iterable[str], n: i
     templates and verbalizers, as the tiny word-level tokenizers will split them: a tiny model
     built on it knows every word a run needs (an unknown verbalizer word must be an error, not
     an ``<unk>``)."""
-    from alsace_ds.prompts import load_prompts
-    from alsace_ds.tiny import _vocab_pieces
+    from alsace_ds.data.prompts import load_prompts
+    from alsace_ds.models.tiny import _vocab_pieces
 
     langs = list(languages)
     splits = SPLITS["copa" if task == "copa" else task]

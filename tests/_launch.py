@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from _dist_helpers import free_port
-from alsace_ds.data import load_parallel_jsonl
-from alsace_ds.models import encode_views, load_scorer
+from alsace_ds.data.corpus import load_parallel_jsonl
+from alsace_ds.models.scorers import encode_views, load_scorer
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "alsace_ds" / "train.py"

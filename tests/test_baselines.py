@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from _launch import run_single
-from alsace_ds.real import run_seed, summarize
-from alsace_ds.selection import most_confident
+from alsace_ds.method.selection import most_confident
+from alsace_ds.tools.real import run_seed, summarize
 
 
 def test_most_confident_half_against_naive_sort():

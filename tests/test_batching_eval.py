@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from alsace_ds.batching import train_batches, view_batches
-from alsace_ds.evaluate import accuracy_counts, entropy_bits, markdown_table, summarize
-from alsace_ds.schedules import lr_factor
-from alsace_ds.trainer import plan_steps
+from alsace_ds.data.batching import train_batches, view_batches
+from alsace_ds.engine.schedules import lr_factor
+from alsace_ds.engine.trainer import plan_steps
+from alsace_ds.method.metrics import accuracy_counts, entropy_bits, markdown_table, summarize
 
 
 @pytest.mark.parametrize("n,micro,world", [(10, 3, 2), (7, 4, 3), (1, 2, 2), (16, 4, 2)])
@@ -107,7 +107,7 @@ def test_plan_and_schedule():
 
 
 def test_health_warnings_flag_a_collapse_but_not_a_gain():
-    from alsace_ds.pipeline import health_warnings
+    from alsace_ds.recipes.alsace import health_warnings
 
     langs = ["en", "a"]
     count = torch.full((2,), 100.0, dtype=torch.float64)

@@ -17,7 +17,7 @@ import distill_throughput  # noqa: E402
 import selection_bucketing  # noqa: E402
 import zero_memory  # noqa: E402
 
-from alsace_ds.distill import build_pairs, pair_kl_loss  # noqa: E402
+from alsace_ds.method.pairs import build_pairs, pair_kl_loss  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

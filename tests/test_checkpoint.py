@@ -17,19 +17,20 @@ import pytest
 import yaml
 
 from _dist_helpers import REPO, child_env, run_code
-from alsace_ds import checkpoint, rundir
 from alsace_ds.config import ConfigError, load_config
+from alsace_ds.engine import checkpoint, rundir
 from alsace_ds.io import atomic_write_json, atomic_write_text
-from alsace_ds.pipeline import checkpoint_minutes
+from alsace_ds.recipes.alsace import checkpoint_minutes
 
 ENGINE_CODE = r"""
 import json, pathlib, shutil, sys, torch
-from alsace_ds import checkpoint, dist
-from alsace_ds.tiny import build_tiny_model
-from alsace_ds.trainer import build_engine, load_for_stage
+from alsace_ds.engine import checkpoint
+from alsace_ds import parallel
+from alsace_ds.models.tiny import build_tiny_model
+from alsace_ds.engine.trainer import build_engine, load_for_stage
 
 out = pathlib.Path(sys.argv[1])
-ctx = dist.init_distributed(60)
+ctx = parallel.init_distributed(60)
 path = build_tiny_model(out / "model", "xlmr", ["a", "b", "c"], ["x", "y"])
 results = {}
 
@@ -83,7 +84,7 @@ for stage in (2, 3):
     r["planted"] = attempt(engine, folder)
     shutil.rmtree(out / "backup")
 print("RESULTS " + json.dumps(results))
-dist.shutdown()
+parallel.shutdown()
 """
 
 
@@ -286,7 +287,7 @@ def test_periodic_checkpoints_by_default_inside_slurm():
 
 WATCHED = r"""
 import sys, time
-from alsace_ds import signals
+from alsace_ds.engine import signals
 chain = signals.watch_launcher(lambda: print("on_exit", flush=True), poll_s=0.05)
 print("chain", [p.name for p in chain], flush=True)
 for _ in range(400):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from alsace_ds.config import Config, ConfigError, load_config
-from alsace_ds.ds_config import build_ds_config, fill_auto, load_template
-from alsace_ds.real import ASSET_KEYS
+from alsace_ds.engine.ds_config import build_ds_config, fill_auto, load_template
+from alsace_ds.tools.real import ASSET_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -77,7 +77,7 @@ def test_bad_override_syntax():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
-    # the real experiment's config gets its model and files from `python -m alsace_ds.real`
+    # the real experiment's config gets its model and files from `python -m alsace_ds.tools.real`
     fill = (
         [f"{k}=filled-by-the-driver" for k in ASSET_KEYS]
         if path.name == "real-multiemo.yaml"

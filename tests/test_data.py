@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alsace_ds.data import (
+from alsace_ds.data.corpus import (
     MAX_REPORTED,
     DataError,
     ParallelCorpus,

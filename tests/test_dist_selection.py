@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from _dist_helpers import REPO, child_env, free_port, launch, prebuild_shm_op, shm_files
-from alsace_ds.dist import (
-    DistContext,
+from alsace_ds.method.selection import select_teachers
+from alsace_ds.parallel import (
+    ParallelContext,
     all_gather_object,
     all_reduce_sum,
     barrier,
     broadcast_object,
     reducer,
 )
-from alsace_ds.selection import select_teachers
 
 LANGS = ["en", "fr", "es", "de", "el", "bg", "ru"]
 
@@ -136,7 +136,7 @@ def test_dead_or_stalled_peer_fails_instead_of_hanging(mode: str, tmp_path: Path
 
 
 def test_single_context_collectives_are_local() -> None:
-    ctx = DistContext.single()
+    ctx = ParallelContext.single()
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
     t = torch.tensor([1.5, 2.5])
     out = all_reduce_sum(t, ctx)
@@ -150,13 +150,13 @@ def test_single_context_collectives_are_local() -> None:
 def test_plain_python_process_initialises_a_world_of_one(tmp_path: Path) -> None:
     code = (
         "import torch, torch.distributed as td\n"
-        "from alsace_ds import dist\n"
-        "ctx = dist.init_distributed(timeout_s=30)\n"
+        "from alsace_ds import parallel\n"
+        "ctx = parallel.init_distributed(timeout_s=30)\n"
         "assert (ctx.rank, ctx.world_size, ctx.local_rank) == (0, 1, 0), ctx\n"
         "assert td.is_initialized() and td.get_backend() == 'gloo'\n"
-        "assert dist.init_distributed(timeout_s=30) == ctx\n"
-        "assert dist.all_reduce_sum(torch.tensor([3]), ctx).tolist() == [3]\n"
-        "dist.shutdown()\n"
+        "assert parallel.init_distributed(timeout_s=30) == ctx\n"
+        "assert parallel.all_reduce_sum(torch.tensor([3]), ctx).tolist() == [3]\n"
+        "parallel.shutdown()\n"
         "print('OK')\n"
     )
     port = free_port()

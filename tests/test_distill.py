@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from alsace_ds.distill import build_pairs, pair_kl_loss, pair_kl_terms
+from alsace_ds.method.pairs import build_pairs, pair_kl_loss, pair_kl_terms
 
 LANGS = ["en", "a", "b", "c"]
 

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from _launch import launch, recompute_probs, run_single
 from alsace_ds.config import load_config
-from alsace_ds.selection import select_teachers
+from alsace_ds.method.selection import select_teachers
 
 # Short but real: stage 0 learns the English task, stage 2 runs a few optimizer steps.
 FAST = [
@@ -212,7 +212,7 @@ def test_bf16_at_the_papers_lr_exports_and_evaluates_the_master_update(tmp_path,
     files; and the reported accuracy is that of the exported model."""
     from safetensors.torch import load_file
 
-    from alsace_ds.movement import change_stats
+    from alsace_ds.method.movement import change_stats
 
     out = tmp_path / "bf16"
     res = launch(

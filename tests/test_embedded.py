@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from alsace_ds.data import load_parallel_jsonl
-from alsace_ds.embedded import (
+from alsace_ds.data.corpus import load_parallel_jsonl
+from alsace_ds.data.embedded import (
     EMBEDDED_LABELS,
     EMBEDDED_LANGUAGES,
     KEYWORDS,
@@ -188,7 +188,7 @@ def test_mt5_label_words_are_single_tokens(tmp_path):
 
 _BUILD = """
 import sys
-from alsace_ds.embedded import EmbeddedSpec, build_embedded
+from alsace_ds.data.embedded import EmbeddedSpec, build_embedded
 spec = EmbeddedSpec(n_train=60, n_unlabeled=30, n_dev=15, n_test=45, hidden=16, ffn=32)
 print(build_embedded(sys.argv[1], spec=spec).root)
 """
@@ -222,7 +222,7 @@ def test_concurrent_builds_share_one_folder(tmp_path):
 
 
 def test_losing_the_rename_race_reuses_the_winner(tmp_path, monkeypatch):
-    import alsace_ds.embedded as embedded
+    import alsace_ds.data.embedded as embedded
 
     winner = build_embedded(tmp_path / "winner", spec=SMALL)
     root = tmp_path / "root"

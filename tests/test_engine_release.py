@@ -7,11 +7,11 @@ from _dist_helpers import run_code
 
 CODE = """
 import gc, pathlib, sys, weakref
-from alsace_ds import dist
-from alsace_ds.tiny import build_tiny_model
-from alsace_ds.trainer import build_engine, load_for_stage, release_engine
+from alsace_ds import parallel
+from alsace_ds.models.tiny import build_tiny_model
+from alsace_ds.engine.trainer import build_engine, load_for_stage, release_engine
 
-ctx = dist.init_distributed(60)
+ctx = parallel.init_distributed(60)
 path = build_tiny_model(pathlib.Path(sys.argv[1]), "xlmr", ["a", "b", "c"], ["x", "y"])
 for stage in (2, 3):
     ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
@@ -25,7 +25,7 @@ for stage in (2, 3):
     del engine
     gc.collect()
     print(f"zero{stage}: module freed {module() is None}, optimizer freed {optimizer() is None}")
-dist.shutdown()
+parallel.shutdown()
 """
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from alsace_ds.tiny import build_tiny_model
-from alsace_ds.trainer import load_for_stage, make_optimizer
+from alsace_ds.engine.trainer import load_for_stage, make_optimizer
+from alsace_ds.models.tiny import build_tiny_model
 
 
 def test_frozen_embeddings_are_left_out_of_the_optimizer(tmp_path):

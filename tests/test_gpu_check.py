@@ -147,7 +147,7 @@ def test_datasheet_peaks():
 def test_e5_random_words_are_one_piece_each():
     """The synthetic e5 vocabulary: distinct words that the word-level tokenizer keeps whole,
     so a drawn id decodes and re-encodes to itself (the views have the lengths drawn)."""
-    from alsace_ds.tiny import build_word_tokenizer
+    from alsace_ds.models.tiny import build_word_tokenizer
 
     words = common._synthetic_words(3000)
     assert len(set(words)) == 3000 and all(w.isalpha() and len(w) >= 3 for w in words)

@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from _launch import run_single
-from alsace_ds.guard import Guard, monitor_metrics, monitor_sums
+from alsace_ds.method.guard import Guard, monitor_metrics, monitor_sums
 
 LANGS = ["en", "fr", "sw"]
 

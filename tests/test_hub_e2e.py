@@ -18,10 +18,10 @@ import torch
 from _hub_fixtures import make_copa_repo, make_hub_repo, vocabulary
 from _launch import launch
 from alsace_ds.config import ConfigError, load_config
-from alsace_ds.data import DataError
-from alsace_ds.models import encode_views, load_scorer
-from alsace_ds.tasks import prepare_task
-from alsace_ds.tiny import build_tiny_model
+from alsace_ds.data.corpus import DataError
+from alsace_ds.data.tasks import prepare_task
+from alsace_ds.models.scorers import encode_views, load_scorer
+from alsace_ds.models.tiny import build_tiny_model
 
 LANGS = ["en", "fr", "sw"]
 N = 24  # rows per split and language

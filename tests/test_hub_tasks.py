@@ -20,8 +20,8 @@ from _hub_fixtures import (
     question,
     text,
 )
-from alsace_ds.data import DataError
-from alsace_ds.hub_tasks import (
+from alsace_ds.data.corpus import DataError
+from alsace_ds.data.hub import (
     ABSENT,
     LABEL_MISSING,
     PLACEHOLDER,

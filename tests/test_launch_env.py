@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from _launch import ROOT, TRAIN, child_env
-from alsace_ds.dist import LaunchError, check_not_cpu_with_gpus, device_index, gpus_given
+from alsace_ds.parallel import LaunchError, check_not_cpu_with_gpus, device_index, gpus_given
 
 
 def test_device_index_uses_the_visible_devices():

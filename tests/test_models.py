@@ -1,4 +1,4 @@
-"""Model adapters (alsace_ds.models) on tiny local models."""
+"""Model adapters (alsace_ds.models.scorers) on tiny local models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import Unigram
 from transformers import PreTrainedTokenizerFast
 
-from alsace_ds.models import (
+from alsace_ds.models.scorers import (
     HEADS,
     MT5LabelWords,
     XLMRClassifier,
@@ -17,7 +17,7 @@ from alsace_ds.models import (
     label_word_token_ids,
     load_scorer,
 )
-from alsace_ds.tiny import build_tiny_model, build_word_tokenizer
+from alsace_ds.models.tiny import build_tiny_model, build_word_tokenizer
 
 WORDS = ["the cat sat on the mat .", "a dog ran far away", "hello world !", "is it true ?"]
 LABEL_NAMES = ["entailment", "neutral", "contradiction"]

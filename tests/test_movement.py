@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from alsace_ds import movement
-from alsace_ds.movement import change_stats, ulp, update_bound
+from alsace_ds.method import movement
+from alsace_ds.method.movement import change_stats, ulp, update_bound
 
 
 def _naive_ulp(x: float, bits: int) -> float:

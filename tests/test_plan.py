@@ -1,4 +1,4 @@
-"""ZeRO memory planner (alsace_ds.plan): formula values, counting, recommendation, CLI."""
+"""ZeRO memory planner (alsace_ds.tools.plan): formula values, counting, recommendation, CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from alsace_ds import plan
-from alsace_ds.plan import GIB, PlanError, estimate, plan_rows, recommend
+from alsace_ds.tools import plan
+from alsace_ds.tools.plan import GIB, PlanError, estimate, plan_rows, recommend
 
 PSI = 10**9
 
@@ -107,7 +107,7 @@ def test_builtin_counts_match_reported_sizes():
 def test_meta_count_equals_real_model(tmp_path, family):
     from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    from alsace_ds.tiny import build_tiny_model
+    from alsace_ds.models.tiny import build_tiny_model
 
     words = ["the cat sat on the mat", "a dog ran", "hello world"]
     folder = build_tiny_model(tmp_path / family, family, words, ["a", "b", "c"])
@@ -122,7 +122,7 @@ def test_meta_count_equals_real_model(tmp_path, family):
 
 
 def test_config_yaml_uses_model_and_dtype(tmp_path, capsys):
-    from alsace_ds.tiny import build_tiny_model
+    from alsace_ds.models.tiny import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "m", "xlmr", ["x y z"], ["a", "b"])
     cfg = tmp_path / "c.yaml"
@@ -134,7 +134,7 @@ def test_config_yaml_uses_model_and_dtype(tmp_path, capsys):
 
 
 def test_cli_subprocess_with_params():
-    cmd = [sys.executable, "-m", "alsace_ds.plan", "--params", "13e9", "--nodes", "1"]
+    cmd = [sys.executable, "-m", "alsace_ds.tools.plan", "--params", "13e9", "--nodes", "1"]
     cmd += ["--gpus-per-node", "8", "--gpu-mem", "80", "--stage", "3", "--no-deepspeed"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

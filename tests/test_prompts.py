@@ -1,4 +1,4 @@
-"""Templates and verbalizers as data (alsace_ds.prompts, alsace_ds/prompts/*.yaml)."""
+"""Templates and verbalizers as data (alsace_ds.data.prompts, alsace_ds/data/templates/*.yaml)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import textwrap
 import pytest
 import yaml
 
-from alsace_ds.data import ParallelCorpus, ParallelExample
-from alsace_ds.models import encode_views
-from alsace_ds.prompts import (
+from alsace_ds.data.corpus import ParallelCorpus, ParallelExample
+from alsace_ds.data.prompts import (
     FIELDS,
     PACKAGED_TASKS,
     Prompt,
@@ -20,7 +19,8 @@ from alsace_ds.prompts import (
     render_corpus,
     render_view,
 )
-from alsace_ds.tiny import build_word_tokenizer
+from alsace_ds.models.scorers import encode_views
+from alsace_ds.models.tiny import build_word_tokenizer
 
 LANGUAGES = {
     "xnli": "en fr es de el bg ru tr ar vi th zh hi sw ur".split(),

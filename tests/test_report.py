@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from alsace_ds.config import ConfigError, config_path, load_config, preset_names, with_world
-from alsace_ds.data import ParallelCorpus, ParallelExample
-from alsace_ds.evaluate import summarize
-from alsace_ds.report import table2, table3, to_csv, to_markdown
-from alsace_ds.tasks import find_overlap, parse_split
+from alsace_ds.data.corpus import ParallelCorpus, ParallelExample
+from alsace_ds.data.tasks import find_overlap, parse_split
+from alsace_ds.method.metrics import summarize
+from alsace_ds.reporting.tables import table2, table3, to_csv, to_markdown
 
 LANGS = ["en", "fr", "sw"]
 

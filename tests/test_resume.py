@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from _launch import launch
-from alsace_ds.signals import EXIT_PREEMPTED
+from alsace_ds.engine.signals import EXIT_PREEMPTED
 
 RUN = [
     "stage0.max_steps=5",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alsace_ds.config import config_path, load_config, preset_names
-from alsace_ds.schedules import (
+from alsace_ds.engine.schedules import (
     authors_pairs,
     authors_steps,
     authors_update,
@@ -19,7 +19,7 @@ from alsace_ds.schedules import (
     matching_lr,
     warmup_steps,
 )
-from alsace_ds.trainer import plan_steps
+from alsace_ds.engine.trainer import plan_steps
 
 
 def test_lr_factor_shapes():

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from alsace_ds.selection import (
+from alsace_ds.method.selection import (
     Selection,
     confidence_from_stats,
     confidence_stats,

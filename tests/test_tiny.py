@@ -1,4 +1,4 @@
-"""Tiny offline tokenizer/model builder (alsace_ds.tiny)."""
+"""Tiny offline tokenizer/model builder (alsace_ds.models.tiny)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from transformers import (
     AutoTokenizer,
 )
 
-from alsace_ds import tiny
-from alsace_ds.tiny import build_tiny_model, build_word_tokenizer
+from alsace_ds.models import tiny
+from alsace_ds.models.tiny import build_tiny_model, build_word_tokenizer
 
 WORDS = ["the cat sat on the mat .", "a dog ran", "hello world !"]
 # sorted unique pieces: ! . a cat dog hello mat on ran sat the world

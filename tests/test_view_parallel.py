@@ -11,16 +11,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from _launch import launch, run_single
 from alsace_ds.config import load_config
-from alsace_ds.dist import DistContext
-from alsace_ds.embedded import EMBEDDED_LANGUAGES
-from alsace_ds.pipeline import local_languages
+from alsace_ds.data.embedded import EMBEDDED_LANGUAGES
+from alsace_ds.parallel import ParallelContext
+from alsace_ds.recipes.alsace import local_languages
 
 
 def test_local_language_slots_cover_each_language_once():
     langs = list(EMBEDDED_LANGUAGES)  # 7
     for size in (1, 2, 3, 4, 7, 8):
         slots = [
-            local_languages(langs, DistContext(rank=r, world_size=size, view_size=size))
+            local_languages(langs, ParallelContext(rank=r, world_size=size, view_size=size))
             for r in range(size)
         ]
         assert len({len(s) for s in slots}) == 1  # same forward count on every member

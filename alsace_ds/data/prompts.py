@@ -3,7 +3,7 @@
 Heads that read label words (XLM-R ``cloze``, mT5 ``label_words``) see every view rendered
 through its language's template, and score one verbalizer word per label at the mask
 (METHOD.md, "How the model gives P(y | x)"). The packaged files are
-``alsace_ds/prompts/{xnli,pawsx,xcopa}.yaml``; a file of your own in the same format is loaded
+``alsace_ds/data/templates/{xnli,pawsx,xcopa}.yaml``; a file of your own in the same format is loaded
 with ``load_prompts(..., path=...)``.
 
 File format
@@ -27,7 +27,7 @@ Per language:
     segment (``encode_views``: ``longest_first``) never removes it.
 ``verbalizer`` (required)
     One word per label, in label order. The model reads the vocabulary logit of each word's
-    first token at the mask (``alsace_ds.models.label_word_token_ids`` checks every word
+    first token at the mask (``alsace_ds.models.scorers.label_word_token_ids`` checks every word
     against the tokenizer when the model is loaded). Quote the words: YAML reads unquoted
     ``Yes`` / ``No`` / ``On`` / ``Off`` as booleans.
 ``question`` (xcopa)
@@ -54,7 +54,7 @@ from pathlib import Path
 
 import yaml
 
-from alsace_ds.data import ParallelCorpus, ParallelExample
+from alsace_ds.data.corpus import ParallelCorpus, ParallelExample
 
 Template = str | list[str]
 
@@ -139,13 +139,13 @@ def fields_for(task: str, *, pair: bool) -> tuple[str, ...]:
 
 
 def packaged_path(task: str) -> Path:
-    """The packaged YAML of ``task`` (``alsace_ds/prompts/<task>.yaml``)."""
+    """The packaged YAML of ``task`` (``alsace_ds/data/templates/<task>.yaml``)."""
     if task not in PACKAGED_TASKS:
         raise ValueError(
             f"no packaged prompts for task {task!r} (packaged: {list(PACKAGED_TASKS)}); pass "
-            "path= to a YAML file in the format of alsace_ds/prompts/xnli.yaml"
+            "path= to a YAML file in the format of alsace_ds/data/templates/xnli.yaml"
         )
-    return Path(str(resources.files("alsace_ds") / "prompts" / f"{task}.yaml"))
+    return Path(str(resources.files("alsace_ds.data") / "templates" / f"{task}.yaml"))
 
 
 def _bool_hint(value: object) -> str:
@@ -228,7 +228,7 @@ def load_prompts(
 ) -> dict[str, Prompt]:
     """The prompts of ``languages`` (in that order) for ``task``.
 
-    ``path`` overrides the packaged file (``alsace_ds/prompts/<task>.yaml``). The file's
+    ``path`` overrides the packaged file (``alsace_ds/data/templates/<task>.yaml``). The file's
     structure is validated (every language entry, not only the requested ones); a requested
     language that the file lacks is an error. Placeholders, mask and verbalizer length are
     :func:`check_prompts`' job (they depend on the head and the label count).

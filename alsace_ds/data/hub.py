@@ -49,7 +49,7 @@ Errors
 Problems that mean the data is not what the schema promises -- a missing column, a wrong type,
 a label outside the label set, a duplicated id, XNLI languages of different lengths, labels (or
 XCOPA questions) that differ across languages for a kept example, a failed ``load_dataset``,
-nothing left after dropping -- raise one :class:`~alsace_ds.data.DataError` naming the task,
+nothing left after dropping -- raise one :class:`~alsace_ds.data.corpus.DataError` naming the task,
 split, language and row / id (rows are 0-based positions in that language's split). Unknown
 task / split / language names raise ``ValueError`` in :func:`check_request`, before anything is
 loaded.
@@ -61,7 +61,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from alsace_ds.data import MAX_REPORTED, DataError, ParallelCorpus, ParallelExample
+from alsace_ds.data.corpus import MAX_REPORTED, DataError, ParallelCorpus, ParallelExample
 
 LABEL_MISSING = "label -1"
 PLACEHOLDER = "placeholder text"

@@ -6,13 +6,13 @@ word the tokenizer does not know, ...) surfaces here with the file or dataset, r
 language named, so a bad input never costs GPU time.
 
 Sources of a task:
-- ``embedded``: the synthetic parallel task built locally (:mod:`alsace_ds.embedded`);
-- ``jsonl``: your own files in the parallel JSONL format (:mod:`alsace_ds.data`);
-- ``xnli`` / ``pawsx`` / ``xcopa``: loaded by name with ``datasets`` (:mod:`alsace_ds.hub_tasks`),
+- ``embedded``: the synthetic parallel task built locally (:mod:`alsace_ds.data.embedded`);
+- ``jsonl``: your own files in the parallel JSONL format (:mod:`alsace_ds.data.corpus`);
+- ``xnli`` / ``pawsx`` / ``xcopa``: loaded by name with ``datasets`` (:mod:`alsace_ds.data.hub`),
   one split per role (:data:`DEFAULT_SPLITS`), with ``"validation[:500]"``-style slices.
 
 Heads that read label words (XLM-R cloze, mT5) see each view rendered through the task's
-per-language template (:mod:`alsace_ds.prompts`); the classification head sees the raw views.
+per-language template (:mod:`alsace_ds.data.prompts`); the classification head sees the raw views.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alsace_ds.config import EMBEDDED, HUB_TASKS, Config, ConfigError, resolve_path
-from alsace_ds.data import DataError, ParallelCorpus, k_shot, load_parallel_jsonl
+from alsace_ds.data.corpus import DataError, ParallelCorpus, k_shot, load_parallel_jsonl
 
 # Hub tasks: the split that feeds each role. Unlabeled and dev are disjoint slices of the
 # validation split, the report uses the test split (the paper's unlabeled data were generated
@@ -107,7 +107,7 @@ def _sliced(corpus: ParallelCorpus, part: slice, spec: str) -> ParallelCorpus:
 
 def _with_embedded(cfg: Config) -> Config:
     """Fill the task/model fields the user left empty from the embedded task (built here)."""
-    from alsace_ds.embedded import build_embedded
+    from alsace_ds.data.embedded import build_embedded
 
     assets = build_embedded(cache_dir(), cfg.model.family)
     task = cfg.task
@@ -133,7 +133,7 @@ def _with_embedded(cfg: Config) -> Config:
 
 def _with_hub_defaults(cfg: Config) -> Config:
     """Languages, labels and splits of a Hub task where the config leaves them empty."""
-    from alsace_ds.hub_tasks import TASKS, check_request
+    from alsace_ds.data.hub import TASKS, check_request
 
     t = cfg.task
     spec = TASKS[t.name]
@@ -169,7 +169,7 @@ def _with_hub_defaults(cfg: Config) -> Config:
 
 
 def _load_hub(cfg: Config, notes: list[str]):
-    from alsace_ds.hub_tasks import TASKS, load_english_train, load_task_split
+    from alsace_ds.data.hub import TASKS, load_english_train, load_task_split
 
     t = cfg.task
 
@@ -282,7 +282,7 @@ def _load_tokenizer(source: str):
 def check_label_words(tok, rows: list[list[str]], languages: list[str], notes: list[str]):
     """Every label word must map to a token the tokenizer knows (first piece of a split word,
     noted); checked here so that a bad verbalizer fails before any model is loaded."""
-    from alsace_ds.models import label_word_token_ids
+    from alsace_ds.models.scorers import label_word_token_ids
 
     problems = []
     for lang, words in zip(languages, rows, strict=True):
@@ -298,7 +298,7 @@ def check_label_words(tok, rows: list[list[str]], languages: list[str], notes: l
 
 def _prompted(cfg: Config, data: TaskData, tok) -> TaskData:
     """Render every corpus through the per-language templates and build the label-word rows."""
-    from alsace_ds.prompts import FIELDS, check_prompts, load_prompts, render_corpus
+    from alsace_ds.data.prompts import FIELDS, check_prompts, load_prompts, render_corpus
 
     t, m = cfg.task, cfg.model
     head = data.head
@@ -317,7 +317,7 @@ def _prompted(cfg: Config, data: TaskData, tok) -> TaskData:
         if head == "cloze":
             raise ConfigError(
                 ["model.head: 'cloze' needs a template with the mask token: set "
-                 "model.prompts_file (format: alsace_ds/prompts/xnli.yaml)"]
+                 "model.prompts_file (format: alsace_ds/data/templates/xnli.yaml)"]
             )  # fmt: skip
         return data
     prompts = load_prompts(task_key, data.prompt_languages, path=m.prompts_file)

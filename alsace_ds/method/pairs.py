@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from alsace_ds.selection import check_languages
+from alsace_ds.method.selection import check_languages
 
 PairMode = Literal["ordered", "unordered"]
 Direction = Literal["forward", "reverse"]

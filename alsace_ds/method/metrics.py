@@ -1,7 +1,7 @@
 """Evaluation math and reports: per-language accuracy, transfer gap, group averages.
 
 Pure functions (tensor/dict in, tensor/dict out). Counting returns sums and counts so
-that the caller can all-reduce them across ranks (``alsace_ds.dist``) before dividing.
+that the caller can all-reduce them across ranks (``alsace_ds.parallel``) before dividing.
 
 Definitions (paper Tables 2-4): accuracy in percent; the transfer gap of language t is
 ``Delta_t = acc_en - acc_t``; a group's average gap is taken over its non-English

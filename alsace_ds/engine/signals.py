@@ -4,7 +4,7 @@ A stop is *requested* by SIGUSR1 / SIGTERM (Slurm's ``--signal``, its time limit
 DeepSpeed's ``launch.py`` forwarding their own TERM) or by the launcher dying under the ranks
 (:func:`watch_launcher`: a ``kill`` or ``timeout`` of the ``deepspeed`` command, whose runner
 forwards nothing). Handlers only set a flag; the loops poll it at fixed points where all
-ranks agree on it with one all-reduce (``alsace_ds.dist.any_rank``), so every rank takes the
+ranks agree on it with one all-reduce (``alsace_ds.parallel.any_rank``), so every rank takes the
 same branch. Training then commits a checkpoint and raises :class:`Preempted`; inference
 raises :class:`StopRequested` (its finished results are kept, a partial one is redone).
 

@@ -24,21 +24,14 @@ from typing import Any
 import torch
 import yaml
 
-from alsace_ds import checkpoint, dist, rundir, signals
+from alsace_ds import parallel
 from alsace_ds.config import Config, DistillConfig, Stage0Config
-from alsace_ds.data import ParallelCorpus, View
-from alsace_ds.distill import pair_kl_loss
-from alsace_ds.ds_config import build_ds_config
-from alsace_ds.evaluate import accuracy_counts, markdown_table, summarize
-from alsace_ds.guard import Guard, monitor_metrics, monitor_sums
-from alsace_ds.io import atomic_write_json, atomic_write_text
-from alsace_ds.movement import change_stats, update_bound
-from alsace_ds.report import states_of, table2, table3, to_csv, to_markdown
-from alsace_ds.schedules import authors_update, lr_sum, warmup_steps
-from alsace_ds.selection import most_confident, select_from_views
-from alsace_ds.tasks import TaskData
-from alsace_ds.tb import TBLogger
-from alsace_ds.trainer import (
+from alsace_ds.data.corpus import ParallelCorpus, View
+from alsace_ds.data.tasks import TaskData
+from alsace_ds.engine import checkpoint, rundir, signals
+from alsace_ds.engine.ds_config import build_ds_config
+from alsace_ds.engine.schedules import authors_update, lr_sum, warmup_steps
+from alsace_ds.engine.trainer import (
     StepPlan,
     build_engine,
     cross_entropy_step,
@@ -54,6 +47,14 @@ from alsace_ds.trainer import (
     release_engine,
     trainable_names,
 )
+from alsace_ds.io import atomic_write_json, atomic_write_text
+from alsace_ds.method.guard import Guard, monitor_metrics, monitor_sums
+from alsace_ds.method.metrics import accuracy_counts, markdown_table, summarize
+from alsace_ds.method.movement import change_stats, update_bound
+from alsace_ds.method.pairs import pair_kl_loss
+from alsace_ds.method.selection import most_confident, select_from_views
+from alsace_ds.reporting.tables import states_of, table2, table3, to_csv, to_markdown
+from alsace_ds.reporting.tb import TBLogger
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Run:
 
     cfg: Config
     task: TaskData
-    ctx: dist.DistContext
+    ctx: parallel.ParallelContext
     run_dir: Path
     tb: TBLogger
     steps_done: int = 0  # optimizer steps in this invocation, over both stages
@@ -90,7 +91,7 @@ def count_stats(run: Run, corpus: ParallelCorpus, idx: torch.Tensor, probs: torc
     T = len(run.task.languages)
     labels = corpus.labels()[idx // T]
     stats = accuracy_counts(probs.argmax(-1), labels, idx % T, T, run.task.num_labels)
-    return {k: dist.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
+    return {k: parallel.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
 
 
 def predict_corpus(
@@ -245,7 +246,7 @@ def stage0_source(run: Run) -> str:
     """The stage-0 model that stage 2 starts from: the best by dev accuracy when one was
     kept (``stage0.keep_best``), else the last."""
     best = run.run_dir / "stage0" / "best"
-    keep = run.cfg.stage0.keep_best and dist.decide((best / "config.json").is_file, run.ctx)
+    keep = run.cfg.stage0.keep_best and parallel.decide((best / "config.json").is_file, run.ctx)
     return str(best) if keep else str(run.run_dir / "stage0" / "model")
 
 
@@ -304,7 +305,7 @@ STAGE_TITLES = {"stage0": "stage 0 (English fine-tuning)", "stage2": "stage 2 (d
 @dataclass
 class Movement:
     """A training stage's start weights (rank 0's CPU copy of the trainable ones), how far
-    its schedule can move them (:func:`alsace_ds.movement.update_bound`, rank 0) and, at the
+    its schedule can move them (:func:`alsace_ds.method.movement.update_bound`, rank 0) and, at the
     end, how far they moved (:meth:`report`). A stage that cannot change the model is warned
     about before it runs; TensorBoard ``<stage>/params/...`` and the report hold the figures."""
 
@@ -519,7 +520,7 @@ def step_boundary(
                                    and run.steps_done >= rc.stop_after_steps)  # fmt: skip
     minutes = checkpoint_minutes(rc.checkpoint_minutes, os.environ)
     due = bool(minutes) and run.ctx.is_main and time.monotonic() - run.last_commit >= 60 * minutes
-    stop, due = dist.any_rank([want, due], run.ctx)  # the same on every rank
+    stop, due = parallel.any_rank([want, due], run.ctx)  # the same on every rank
     every = rc.checkpoint_every
     if stop or due or (every and engine.global_steps % every == 0):
         pending = stop and dev_due  # a periodic commit is followed by its check right here
@@ -544,7 +545,7 @@ def resume_point(run: Run, stage: str, engine: Any, on_dev: DevCallback | None =
     directory was checked at start) and restore ``on_dev``'s state from it."""
     folder = ckpt_dir(run, stage)
     auto = run.cfg.run.resume == "auto"
-    tag = dist.decide(lambda: checkpoint.read_latest(folder), run.ctx) if auto else None
+    tag = parallel.decide(lambda: checkpoint.read_latest(folder), run.ctx) if auto else None
     if tag is None:
         return {"micro": 0, "complete": False}
     state = checkpoint.load(engine, folder, tag, run.ctx)
@@ -558,7 +559,7 @@ def log_train(run: Run, stage: str, engine: Any, losses: list[torch.Tensor], bar
     """Mean loss since the last log, averaged over ranks (a collective at the same micro-step
     on every rank), to TensorBoard and the progress bar."""
     local = torch.stack([x.float().cpu() for x in losses]).mean().to(torch.float64)
-    loss = float(dist.all_reduce_sum(local, run.ctx)) / run.ctx.world_size
+    loss = float(parallel.all_reduce_sum(local, run.ctx)) / run.ctx.world_size
     step = engine.global_steps
     run.tb.scalar(f"{stage}/train/loss", loss, step)
     run.tb.scalar(f"{stage}/train/lr", current_lr(engine), step)
@@ -584,7 +585,7 @@ def stage1_select(run: Run, engine: Any, tok: Any) -> dict:
     )  # fmt: skip
     sel = select_from_views(
         probs, idx // T, idx % T, len(corpus), task.languages,
-        threshold=cfg.selection.threshold, reduce=dist.reducer(ctx),
+        threshold=cfg.selection.threshold, reduce=parallel.reducer(ctx),
     )  # fmt: skip
     teachers, students = sel.teachers, sel.students
     if not teachers and cfg.selection.teachers is None:
@@ -619,7 +620,7 @@ def stage1_select(run: Run, engine: Any, tok: Any) -> dict:
 # ----------------------------------------------------------------------------- stage 2
 
 
-def local_languages(languages: list[str], ctx: dist.DistContext) -> list[str]:
+def local_languages(languages: list[str], ctx: parallel.ParallelContext) -> list[str]:
     """The language slots this rank runs: ``ceil(T / V)`` per member of the view group, the
     slots past T padded with a copy of the first language (same forward count on every rank;
     the padded outputs are cut off after the gather, so they get no loss and no gradient)."""
@@ -646,7 +647,7 @@ def distill_step(
         lang_ids = [run.task.lang_id(lang) for _ in batch for lang in mine]
     logits = forward_views(engine, tok, views, run.cfg.model.max_length, run.ctx.device, lang_ids)
     local = torch.log_softmax(logits.float(), dim=-1).view(len(batch), len(mine), -1)
-    log_probs = dist.gather_views(local, run.ctx)[:, : len(langs)]  # [B, T, C]
+    log_probs = parallel.gather_views(local, run.ctx)[:, : len(langs)]  # [B, T, C]
     loss = pair_kl_loss(
         log_probs, langs, teachers,
         pairs=d.pairs, direction=d.direction, detach_teacher=d.detach_teacher,
@@ -657,7 +658,7 @@ def distill_step(
 
 
 class DevMonitor:
-    """Stage 2's dev checks -> the collapse guard (:mod:`alsace_ds.guard`): TensorBoard
+    """Stage 2's dev checks -> the collapse guard (:mod:`alsace_ds.method.guard`): TensorBoard
     curves, ``distill_guard.json`` (its state, for reading; a resume takes the state from the
     checkpoint), the best healthy model exported to ``distill/best``, the early-stop decision."""
 
@@ -690,7 +691,7 @@ class DevMonitor:
         sums = monitor_sums(
             dev.probs, dev.idx // T, dev.idx % T, len(task.dev), T, task.dev.labels()
         )  # fmt: skip
-        sums = {k: dist.all_reduce_sum(v, self.run.ctx) for k, v in sums.items()}
+        sums = {k: parallel.all_reduce_sum(v, self.run.ctx) for k, v in sums.items()}
         metrics, pred = monitor_metrics(sums, task.languages, task.english, self.reference)
         if self.reference is None:
             self.reference = pred
@@ -795,7 +796,7 @@ def english_self_training_step(run: Run, engine: Any, tok: Any):
     N, C = len(views), task.num_labels
     dense = torch.zeros(N, C, dtype=torch.float64)
     dense[idx] = probs.to(torch.float64)
-    dense = dist.all_reduce_sum(dense, run.ctx)  # every rank: all N distributions
+    dense = parallel.all_reduce_sum(dense, run.ctx)  # every rank: all N distributions
     keep, labels = most_confident(dense, 0.5)
     kept = [corpus.examples[i] for i in keep.tolist()]
     run.say(f"self-training: kept the {len(kept)} most confident of {N} English pseudo-labels")
@@ -813,17 +814,17 @@ def english_self_training_step(run: Run, engine: Any, tok: Any):
 # ----------------------------------------------------------------------------- the whole run
 
 
-def open_run_dir(cfg: Config, ctx: dist.DistContext) -> rundir.RunLock | None:
+def open_run_dir(cfg: Config, ctx: parallel.ParallelContext) -> rundir.RunLock | None:
     """Before any model is loaded: take the run directory (rank 0 holds its lock for the
     job) and refuse, with every reason, to reuse outputs another setup made."""
     lock = rundir.RunLock(Path(cfg.run.output_dir)) if ctx.is_main else None
-    dist.decide(lambda: lock.acquire(say=lambda m: print(f"[alsace_ds] {m}", flush=True)), ctx)
+    parallel.decide(lambda: lock.acquire(say=lambda m: print(f"[alsace_ds] {m}", flush=True)), ctx)
     facts = {stage: launch_facts(cfg, stage, ctx.world_size) for stage in rundir.STAGES}
     try:
         rundir.check_reuse(cfg, facts, ctx)
         for stage in rundir.loaded_stages(Path(cfg.run.output_dir)):  # shards intact, by name
             folder = Path(cfg.run.output_dir) / "checkpoints" / stage
-            tag = dist.decide(lambda f=folder: checkpoint.read_latest(f), ctx)
+            tag = parallel.decide(lambda f=folder: checkpoint.read_latest(f), ctx)
             if tag is not None:
                 checkpoint.verify(folder, tag, ctx)
     except BaseException:
@@ -833,12 +834,12 @@ def open_run_dir(cfg: Config, ctx: dist.DistContext) -> rundir.RunLock | None:
     return lock
 
 
-def run_pipeline(cfg: Config, task: TaskData, ctx: dist.DistContext) -> dict:
+def run_pipeline(cfg: Config, task: TaskData, ctx: parallel.ParallelContext) -> dict:
     run_dir = Path(cfg.run.output_dir)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    dist.barrier(ctx)
+    parallel.barrier(ctx)
     run = Run(
         cfg, task, ctx, run_dir, TBLogger(run_dir / "tb", cfg.log.tensorboard and ctx.is_main)
     )
@@ -873,11 +874,11 @@ def _run_stages(run: Run) -> dict:
     cfg, task, ctx = run.cfg, run.task, run.ctx
     source = task.model_source
     if cfg.stage0.enabled:
-        exported = dist.decide(partial(rundir.stage0_exported, run.run_dir), ctx)
+        exported = parallel.decide(partial(rundir.stage0_exported, run.run_dir), ctx)
         source = stage0_source(run) if exported else stage0_finetune(run)  # exports are atomic
         run.say(f"stage 2 starts from {source}")
     d = cfg.distill
-    run.ctx = ctx = dist.with_view_groups(ctx, d.view_parallel_size)
+    run.ctx = ctx = parallel.with_view_groups(ctx, d.view_parallel_size)
     if ctx.view_size > 1:
         run.say(f"stage 2 layout: {ctx.dp_world} data-parallel group(s) x {ctx.view_size} "
                 "rank(s) sharing each example's language views")  # fmt: skip
@@ -1089,5 +1090,5 @@ def write_report(
         for name, rows in tables.items():
             atomic_write_text(run.run_dir / f"{name}.csv", to_csv(rows))
         print("\n" + md, flush=True)
-    dist.barrier(run.ctx)
+    parallel.barrier(run.ctx)
     return report

@@ -15,7 +15,7 @@ ru zh`` (``pl`` is the original language, English is the reference here).
 
 ::
 
-    python -m alsace_ds.assets.multiemo --out ~/.cache/alsace_ds/multiemo
+    python -m alsace_ds.tools.assets.multiemo --out ~/.cache/alsace_ds/multiemo
 
 Alignment check (:func:`align_to_reference`)
 ============================================
@@ -60,7 +60,7 @@ Findings on bigbench 1.0.0 (``alignment.json`` lists every dropped row, by langu
 
 Output (:func:`build_multiemo`)
 ===============================
-Parallel JSONL (:mod:`alsace_ds.data`): ``{"id": "hotels-22362", "label": 2, "text": {"en":
+Parallel JSONL (:mod:`alsace_ds.data.corpus`): ``{"id": "hotels-22362", "label": 2, "text": {"en":
 ..., "de": ..., ...}}`` with the label index and the English row number in the id.
 
 - ``train_en.jsonl``: English only, labeled (stage 0), default 2,000 rows;
@@ -98,7 +98,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alsace_ds.assets import (
+from alsace_ds.tools.assets import (
     AssetError,
     build_folder,
     check_sha256,
@@ -737,7 +737,7 @@ def build_multiemo_from_archive(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m alsace_ds.assets.multiemo",
+        prog="python -m alsace_ds.tools.assets.multiemo",
         description="Extract MultiEmo (hotels, sentence level) from bigbench's sdist as an "
         "aligned parallel JSONL corpus.",
     )

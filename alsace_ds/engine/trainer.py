@@ -1,8 +1,8 @@
 """DeepSpeed plumbing: build a ZeRO engine around a LabelScorer, train it, run inference.
 
 Everything here runs the same work on every rank: batches come from
-``alsace_ds.batching`` (equal counts per rank, padded), so ZeRO-3's per-forward parameter
-gathers line up across ranks. Collectives go through ``alsace_ds.dist``.
+``alsace_ds.data.batching`` (equal counts per rank, padded), so ZeRO-3's per-forward parameter
+gathers line up across ranks. Collectives go through ``alsace_ds.parallel``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alsace_ds import dist, signals
-from alsace_ds.batching import train_batches, view_batches
-from alsace_ds.data import View
-from alsace_ds.ds_config import zero_stage
-from alsace_ds.models import LabelScorer, encode_views, load_scorer
-from alsace_ds.schedules import lr_factor
+from alsace_ds import parallel
+from alsace_ds.data.batching import train_batches, view_batches
+from alsace_ds.data.corpus import View
+from alsace_ds.engine import signals
+from alsace_ds.engine.ds_config import zero_stage
+from alsace_ds.engine.schedules import lr_factor
+from alsace_ds.models.scorers import LabelScorer, encode_views, load_scorer
 
 # Inference loops and exports poll for an agreed stop request every this many batches /
 # parameters (one 4-byte all-reduce; on XNLI's 75k test views that is every ~0.1 s).
@@ -35,10 +36,10 @@ STOP_POLL_BATCHES = 8
 STOP_POLL_PARAMS = 64
 
 
-def poll_stop(i: int, every: int, ctx: dist.DistContext, what: str) -> None:
+def poll_stop(i: int, every: int, ctx: parallel.ParallelContext, what: str) -> None:
     """At iteration ``i`` of a loop every rank runs equally often: raise
     ``signals.StopRequested`` on every rank when any rank was asked to stop."""
-    if i % every == 0 and dist.any_rank([signals.requested()], ctx)[0]:
+    if i % every == 0 and parallel.any_rank([signals.requested()], ctx)[0]:
         raise signals.StopRequested(f"stopped during {what} ({signals.reason()})")
 
 
@@ -123,7 +124,7 @@ def build_engine(
     schedule: str = "linear",
 ) -> Any:
     """A DeepSpeed engine with a torch AdamW (no JIT-compiled DeepSpeed optimizer needed) and
-    the ``schedule`` of :func:`alsace_ds.schedules.lr_factor`."""
+    the ``schedule`` of :func:`alsace_ds.engine.schedules.lr_factor`."""
     optimizer = make_optimizer(module, lr, weight_decay)
     factor = lr_factor(schedule, total_steps, warmup_steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -206,7 +207,7 @@ def micro_batches(
         epoch += 1
 
 
-def progress(total: int, desc: str, ctx: dist.DistContext, enabled: bool) -> tqdm:
+def progress(total: int, desc: str, ctx: parallel.ParallelContext, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not (enabled and ctx.is_main), dynamic_ncols=True)
 
 
@@ -252,7 +253,7 @@ def predict_probs(
     engine: Any,
     tokenizer: Any,
     views: list[View],
-    ctx: dist.DistContext,
+    ctx: parallel.ParallelContext,
     batch_size: int,
     max_length: int,
     desc: str,
@@ -290,7 +291,7 @@ def predict_probs(
 # ----------------------------------------------------------------------------- checkpoints/export
 
 
-def _full_param(param: Tensor, ctx: dist.DistContext) -> Tensor:
+def _full_param(param: Tensor, ctx: parallel.ParallelContext) -> Tensor:
     """The whole fp32 value of a ZeRO-3 parameter on every rank (collective). Trainable
     ones come from the optimizer's fp32 partitions (``safe_get_full_fp32_param``): the plain
     parameter gather would send autocast's Linear weights in bf16 (their ``comm_dtype``) and
@@ -303,13 +304,15 @@ def _full_param(param: Tensor, ctx: dist.DistContext) -> Tensor:
         if full is not None:
             return full
     if get_comm_dtype(param) != param.ds_tensor.dtype:  # frozen, gathered at low precision
-        return dist.all_gather_partitions(param.ds_tensor, param.ds_numel, ctx).view(param.ds_shape)
+        return parallel.all_gather_partitions(param.ds_tensor, param.ds_numel, ctx).view(
+            param.ds_shape
+        )
     with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
         return param.data.clone()
 
 
 def rank0_state_dict(
-    engine: Any, ctx: dist.DistContext, names: Sequence[str] | None = None
+    engine: Any, ctx: parallel.ParallelContext, names: Sequence[str] | None = None
 ) -> dict[str, Tensor] | None:
     """The wrapped LabelScorer's full fp32 weights (the master: parameters are fp32, see
     ``load_for_stage``) as CPU tensors on rank 0, None on the others; ``names`` restricts it
@@ -345,7 +348,7 @@ def export_hf(
     engine: Any,
     tokenizer: Any,
     out_dir: Path,
-    ctx: dist.DistContext,
+    ctx: parallel.ParallelContext,
     extra: Callable[[Path], None] | None = None,
 ) -> dict[str, Tensor] | None:
     """Save the model as a plain Hugging Face folder (``from_pretrained`` loads it without
@@ -366,7 +369,7 @@ def export_hf(
             _rmtree(old)
         else:
             os.rename(tmp, out_dir)
-    dist.barrier(ctx)
+    parallel.barrier(ctx)
     return state
 
 
