@@ -469,7 +469,7 @@ def check_pipeline(
 # ----------------------------------------------------------------------------- 3. export
 
 
-def stage2_start(run_dir: Path) -> Path:
+def distill_start(run_dir: Path) -> Path:
     """The folder stage 2 started from: ``stage0/best`` when stage 0 kept one, else
     ``stage0/model`` (the pipeline's rule, ``pipeline.stage0_source``)."""
     best = run_dir / "stage0" / "best"
@@ -499,14 +499,14 @@ def check_export(rep: Report, zero: str, run_dir: Path) -> None:
 
     t0 = time.perf_counter()
     problems: list[str] = []
-    start = stage2_start(run_dir)
+    start = distill_start(run_dir)
     folders = {
         "stage0_model": run_dir / "stage0" / "model",
-        "stage2_start": start,
+        "distill_start": start,
         "final_model": run_dir / "final" / "model",
     }
     states: dict[str, dict[str, torch.Tensor]] = {}
-    fig: dict[str, Any] = {"stage2_start": str(start)}
+    fig: dict[str, Any] = {"distill_start": str(start)}
     for key, folder in folders.items():
         f = folder / "model.safetensors"
         if not f.is_file():
@@ -522,12 +522,12 @@ def check_export(rep: Report, zero: str, run_dir: Path) -> None:
                 "fp32 master weights with bf16 compute (the export would lose small updates)"
             )
     summary = ""
-    if {"stage2_start", "final_model"} <= states.keys():
-        a, b = states["stage2_start"], states["final_model"]
+    if {"distill_start", "final_model"} <= states.keys():
+        a, b = states["distill_start"], states["final_model"]
         if set(a) != set(b):
             problems.append(f"tensor names differ: {sorted(set(a) ^ set(b))[:10]}")
         d = weight_delta(a, b)
-        fig["final_vs_stage2_start"] = d
+        fig["final_vs_distill_start"] = d
         if "stage0_model" in states:
             fig["final_vs_stage0_model"] = weight_delta(states["stage0_model"], b)
         if d["changed"] == 0:
@@ -643,7 +643,7 @@ def check_reload(rep: Report, zero: str, run: dict[str, Any], tol: float) -> Non
         worst = 0.0
         for when, folder in (
             ("after", run_dir / "final" / "model"),
-            ("before", stage2_start(run_dir)),
+            ("before", distill_start(run_dir)),
         ):
             acc, info = recompute_accuracy(
                 folder, device, bf16, model_cfg["max_length"], views, gold, len(task["labels"])
@@ -661,7 +661,7 @@ def check_reload(rep: Report, zero: str, run: dict[str, Any], tol: float) -> Non
                 )
         fig["max_abs_diff_points"] = worst
         summary = (
-            f"final/model + {stage2_start(run_dir).relative_to(run_dir)} via from_pretrained on "
+            f"final/model + {distill_start(run_dir).relative_to(run_dir)} via from_pretrained on "
             f"{device}{' bf16 autocast' if bf16 else ''}: max |acc - report| = {worst:.2f} "
             f"points over {len(task['languages'])} languages (tol {tol})"
         )

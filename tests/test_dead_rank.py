@@ -21,7 +21,7 @@ import pytest
 from _launch import ROOT, TRAIN, child_env, free_port
 
 KILL_TO_EXIT_S = 90  # bound on: SIGKILL of rank 1 -> launcher exited
-START_TIMEOUT_S = 420  # launcher start -> "stage 2: self-distillation" (loaded 2-core CI box)
+START_TIMEOUT_S = 420  # launcher start -> "distill: self-distillation" (loaded 2-core CI box)
 
 OVERRIDES = [
     "model.family=xlmr",
@@ -112,7 +112,7 @@ def test_sigkilled_rank_fails_the_job_without_hanging(launcher, tmp_path, cache)
             start_new_session=True,
         )
     try:
-        _wait_for(log, "stage 2: self-distillation", proc, START_TIMEOUT_S)
+        _wait_for(log, "distill: self-distillation", proc, START_TIMEOUT_S)
         time.sleep(3)  # into the distillation steps (forward/backward/all-reduce)
         victim = _rank_pid(run_dir, launcher, 1)
         assert proc.poll() is None, "the job ended before the kill"

@@ -129,7 +129,7 @@ def test_tensorboard_has_the_curves(xlmr_run):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     langs = load_config(out / "config.yaml").task.languages
-    expected = {"stage0/train/loss", "stage0/train/lr", "stage2/train/loss", "stage2/train/lr"}
+    expected = {"stage0/train/loss", "stage0/train/lr", "distill/train/loss", "distill/train/lr"}
     for lang in langs:
         expected |= {
             f"selection/s_t/{lang}",
@@ -229,10 +229,12 @@ def test_bf16_at_the_papers_lr_exports_and_evaluates_the_master_update(tmp_path,
         cache,
     )
     assert res.returncode == 0, res.stdout[-6000:]
-    warning = "WARNING: stage 2 (distillation) cannot change the model: it can move any weight "
+    warning = (
+        "WARNING: distill (self-distillation) cannot change the model: it can move any weight "
+    )
     assert res.stdout.count(warning) == 1, res.stdout[-4000:]
     assert "at most 7.50e-08 (the sum of its learning rates under Adam)" in res.stdout
-    start_dir = Path(res.stdout.split("stage 2 starts from ", 1)[1].split()[0])
+    start_dir = Path(res.stdout.split("distill starts from ", 1)[1].split()[0])
     start = load_file(start_dir / "model.safetensors")
     final = load_file(out / "final" / "model" / "model.safetensors")
     assert {v.dtype for v in final.values()} == {torch.float32}
@@ -243,7 +245,7 @@ def test_bf16_at_the_papers_lr_exports_and_evaluates_the_master_update(tmp_path,
     n = sum(d.numel() for d in moved.values())
     assert sum(int((d > 0).sum()) for d in moved.values()) / n > 0.9  # Adam moved nearly all
     report = json.loads((out / "report.json").read_text())
-    got = report["param_change"]["stage2"]
+    got = report["param_change"]["distill"]
     want = change_stats({f"hf_model.{k}": v for k, v in start.items()},
                         {f"hf_model.{k}": v for k, v in final.items()}, "bf16")  # fmt: skip
     for key in ("relative_change", "changed_share", "changed_share_compute", "max_abs_change"):

@@ -237,7 +237,7 @@ def test_export_check_fails_on_bf16_weights_and_on_no_update(tmp_path):
     gpu_check.check_export(rep, "zero2", run3)
     good = rep.checks[-1]
     assert good["status"] == "PASS", good["problems"]
-    d = good["figures"]["final_vs_stage2_start"]
+    d = good["figures"]["final_vs_distill_start"]
     assert d["elements"] == 15 and d["changed"] == 1 and 0 < d["max_abs_delta"] < 1e-5
     assert json.loads((tmp_path / "out" / "gpu_check.json").read_text())["failed"] == [
         "export zero2", "export zero3"
@@ -276,9 +276,9 @@ def test_cpu_plumbing_end_to_end(tmp_path, cache):
     assert all(0 <= v <= 100 for v in pipe["accuracy_before"].values())
 
     exp = checks["export zero2"]
-    for key in ("stage0_model", "stage2_start", "final_model"):
+    for key in ("stage0_model", "distill_start", "final_model"):
         assert exp[f"{key}_dtypes"] == ["float32"]  # bf16 = fp32 master weights + autocast
-    d = exp["final_vs_stage2_start"]
+    d = exp["final_vs_distill_start"]
     assert d["elements"] == exp["final_model_numel"] and 0 < d["changed"] <= d["elements"]
     assert d["max_abs_delta"] > 0
 

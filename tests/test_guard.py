@@ -114,5 +114,5 @@ def test_collapse_is_stopped_and_rolled_back(tmp_path, cache):
     assert "## Collapse guard" in (out / "report.md").read_text()
     ev = EventAccumulator(str(out / "tb")).Reload()
     tags = ev.Tags()["scalars"]
-    assert "stage2/guard/english_dev_accuracy" in tags and "stage2/guard/consistency" in tags
-    assert [e.step for e in ev.Scalars("stage2/guard/english_dev_accuracy")] == [0, 3]
+    assert "distill/guard/english_dev_accuracy" in tags and "distill/guard/consistency" in tags
+    assert [e.step for e in ev.Scalars("distill/guard/english_dev_accuracy")] == [0, 3]

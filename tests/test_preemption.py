@@ -106,7 +106,7 @@ def _best_step(run_dir: Path) -> int | None:
     return json.loads(info.read_text())["step"] if info.is_file() else None
 
 
-@pytest.mark.parametrize("stage", ["stage0", "stage2"])
+@pytest.mark.parametrize("stage", ["stage0", "distill"])
 def test_sigkill_right_after_a_dev_check_then_resume(tmp_path, cache, reference, stage):
     out, log = tmp_path / "run", tmp_path / "log.txt"
     proc, port = _start([f"run.output_dir={out}", *ARGS], cache, log)
@@ -141,7 +141,7 @@ def test_term_to_the_deepspeed_command_stops_its_ranks_and_a_rerun_waits(
     out, log = tmp_path / "run", tmp_path / "log.txt"
     proc, port = _start([f"run.output_dir={out}", *ARGS], cache, log)
     try:
-        _wait_for(lambda: "stage2 step 2: dev acc" in log.read_text(), proc, log)
+        _wait_for(lambda: "distill step 2: dev acc" in log.read_text(), proc, log)
         ranks = _ranks(out)
         assert len(ranks) == 2, ranks
         proc.send_signal(signal.SIGTERM)  # the runner only: it has no handler, it just dies
@@ -158,7 +158,7 @@ def test_term_to_the_deepspeed_command_stops_its_ranks_and_a_rerun_waits(
     text = log.read_text()
     assert ": the launcher (deepspeed, pid" in text and "exited: stopping" in text
     # at a step boundary, or inside the dev check that follows one (redone on resume)
-    assert "alsace_ds: stage2" in text and "checkpoint committed" in text, text[-3000:]
+    assert "alsace_ds: distill" in text and "checkpoint committed" in text, text[-3000:]
     assert rerun.returncode == 0, rerun.stdout[-5000:]
     assert "distill: resumed from checkpoint" in rerun.stdout
     _same_as_reference(out, reference)

@@ -54,7 +54,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, cache, straight, stop_after)
     assert res.returncode == 0, res.stdout[-5000:]
     assert "resumed from checkpoint" in res.stdout
 
-    for tag in ("stage0/train/loss", "stage2/train/loss"):
+    for tag in ("stage0/train/loss", "distill/train/loss"):
         a, b = _losses(straight, tag), _losses(split, tag)
         assert sorted(a) == sorted(b) and len(a) >= 5, (tag, a, b)
         assert a == b, tag  # bit-identical per-step losses
@@ -110,7 +110,7 @@ def test_sigusr1_on_one_rank_stops_all_at_a_checkpoint(tmp_path, cache):
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while "stage 2: self-distillation" not in log.read_text():
+        while "distill: self-distillation" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         time.sleep(1)
@@ -128,7 +128,7 @@ def test_sigusr1_on_one_rank_stops_all_at_a_checkpoint(tmp_path, cache):
         for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
             f.unlink(missing_ok=True)
     text = log.read_text()
-    assert "stage2 stopped at optimizer step" in text
+    assert "distill stopped at optimizer step" in text
     tag = (out / "checkpoints" / "distill" / "latest").read_text().strip()
     stopped = int(tag.removeprefix("step"))
     assert 0 < stopped < 80
@@ -139,5 +139,5 @@ def test_sigusr1_on_one_rank_stops_all_at_a_checkpoint(tmp_path, cache):
     res = launch(args, cache)
     assert res.returncode == 0, res.stdout[-5000:]
     assert f"distill: resumed from checkpoint {tag}" in res.stdout
-    steps = sorted(_losses(out, "stage2/train/loss"))
+    steps = sorted(_losses(out, "distill/train/loss"))
     assert steps == list(range(1, 81))  # every step logged once, none lost or repeated

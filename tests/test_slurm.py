@@ -178,7 +178,7 @@ def _loss_curve(run_dir: Path) -> dict[int, float]:
 
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("stage2/train/loss")}
+    return {e.step: e.value for e in acc.Scalars("distill/train/loss")}
 
 
 # Long enough (~80 s on 2 cores) for a 1-minute time limit to cut it in stage 2; selection
@@ -241,7 +241,7 @@ def test_usr1_in_selection_then_the_time_limit_requeue_and_resume(
     job, out = _submit(tmp_path, env, [*LONG, f"run.output_dir={run_dir}"],
                        ["--time=1", "--signal=B:URG@1"])  # fmt: skip
     try:
-        _wait_for_line(job, out, "stage 1: label distributions of 1400 unlabeled views")
+        _wait_for_line(job, out, "selection: label distributions of 1400 unlabeled views")
         assert _sh("scancel", "--signal=USR1", "--batch", job).returncode == 0
         info = _wait(job, out, 600)
         text = out.read_text()
@@ -252,13 +252,13 @@ def test_usr1_in_selection_then_the_time_limit_requeue_and_resume(
     first = text.index("requeueing job")
     second = text.index("requeueing job", first + 1)
     one, two, three = text[:first], text[first:second], text[second:]
-    assert "alsace_ds: stopped during stage 1 (selection) (SIGUSR1); finished work kept" in one
-    assert "stopped on request: stopped during stage 1 (selection) (SIGUSR1)\n" in one
+    assert "alsace_ds: stopped during selection (SIGUSR1); finished work kept" in one
+    assert "stopped on request: stopped during selection (SIGUSR1)\n" in one
     assert f"requeueing job {job} (USR1, " in text[first:]
     assert "before: reusing the result of an earlier attempt" in two
-    assert two.count("stage 1: label distributions") == 1  # selection redone, once
+    assert two.count("selection: label distributions") == 1  # selection redone, once
     assert "DUE TO TIME LIMIT" in two and "alsace-slurm: TERM:" in two
-    assert "alsace_ds: stage2 stopped at optimizer step" in two and "(SIGTERM)" in two
+    assert "alsace_ds: distill stopped at optimizer step" in two and "(SIGTERM)" in two
     assert f"requeueing job {job} (TERM, Reason=TimeLimit)" in text[second:]
     assert "selection: reusing the result" in three and "distill: resumed from checkpoint" in three
     _matches_reference(run_dir, long_reference)
@@ -304,8 +304,8 @@ def test_two_node_launchers_equal_one_launcher(cluster, tmp_path):
         assert "4 rank(s) on cpu" in text
         assert "2 data-parallel group(s) x 2 rank(s) sharing each example" in text, text[-3000:]
     a, b = _curves(two_dir), _curves(one_dir)
-    assert set(a) == {"stage0/train/loss", "stage2/train/loss"} and sorted(
-        a["stage2/train/loss"]
+    assert set(a) == {"stage0/train/loss", "distill/train/loss"} and sorted(
+        a["distill/train/loss"]
     ) == [1, 2, 3, 4]
     assert a == b  # bit-identical: same world, same reduction order
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (two_dir, one_dir))

@@ -45,7 +45,7 @@ def _run(out, cache, extra, single: bool):
     assert res.returncode == 0, res.stdout[-5000:]
     acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("stage2/train/loss")}
+    return {e.step: e.value for e in acc.Scalars("distill/train/loss")}
 
 
 def test_two_ranks_view_parallel_equal_one_rank(tmp_path, cache):

@@ -176,8 +176,8 @@ def dev_check(
 # ----------------------------------------------------------------------------- stage 0
 
 
-def stage0_finetune(run: Run) -> str:
-    """English fine-tuning; returns the exported model folder that stage 2 starts from."""
+def run_stage0(run: Run) -> str:
+    """English fine-tuning; returns the exported model folder that distill starts from."""
     cfg, task, ctx = run.cfg, run.task, run.ctx
     st = cfg.stage0
     ds_cfg = build_ds_config(cfg, st, ctx.world_size)
@@ -243,7 +243,7 @@ def load_scorer_for(run: Run, source: str, ds_cfg: dict) -> tuple[Any, Any, list
 
 
 def stage0_source(run: Run) -> str:
-    """The stage-0 model that stage 2 starts from: the best by dev accuracy when one was
+    """The stage-0 model that distill starts from: the best by dev accuracy when one was
     kept (``stage0.keep_best``), else the last."""
     best = run.run_dir / "stage0" / "best"
     keep = run.cfg.stage0.keep_best and parallel.decide((best / "config.json").is_file, run.ctx)
@@ -299,7 +299,7 @@ class BestKeeper:
         return False
 
 
-STAGE_TITLES = {"stage0": "stage 0 (English fine-tuning)", "stage2": "stage 2 (distillation)"}
+STAGE_TITLES = {"stage0": "stage 0 (English fine-tuning)", "distill": "distill (self-distillation)"}
 
 
 @dataclass
@@ -310,7 +310,7 @@ class Movement:
     about before it runs; TensorBoard ``<stage>/params/...`` and the report hold the figures."""
 
     run: Run
-    stage: str  # "stage0" | "stage2"
+    stage: str  # "stage0" | "distill"
     most: float  # the sum of the stage's learning rates: Adam's largest move of one weight
     start: dict[str, torch.Tensor] | None
     bound: dict | None
@@ -455,16 +455,13 @@ def after_dev(run: Run, engine: Any, tok: Any, stage: str, roles, on_dev) -> boo
     return stop
 
 
-CKPT_NAMES = {"stage0": "stage0", "stage2": "distill", "distill": "distill"}
-
-
 def ckpt_dir(run: Run, stage: str) -> Path:
-    return run.run_dir / "checkpoints" / CKPT_NAMES[stage]
+    return run.run_dir / "checkpoints" / stage
 
 
 def launch_facts(cfg: Config, stage: str, world_size: int) -> dict:
     """The launch a stage's checkpoint is only valid for (ZeRO keeps state per rank)."""
-    name = CKPT_NAMES[stage]
+    name = stage
     st = cfg.stage0 if name == "stage0" else cfg.distill
     zero = int(build_ds_config(cfg, st, world_size)["zero_optimization"]["stage"])
     view = 1 if name == "stage0" else int(cfg.distill.view_parallel_size)
@@ -482,7 +479,7 @@ def save_stage(
 ) -> None:
     """Commit the stage's training state with DeepSpeed's checkpoint (collective)."""
     state = {
-        "stage": CKPT_NAMES[stage],
+        "stage": stage,
         "micro": micro,
         "complete": complete,
         "pending_dev": pending_dev,  # a dev check that a stop interrupted, redone first
@@ -567,10 +564,10 @@ def log_train(run: Run, stage: str, engine: Any, losses: list[torch.Tensor], bar
     losses.clear()
 
 
-# ----------------------------------------------------------------------------- stage 1
+# ----------------------------------------------------------------------------- selection
 
 
-def stage1_select(run: Run, engine: Any, tok: Any) -> dict:
+def run_selection(run: Run, engine: Any, tok: Any) -> dict:
     """Teacher selection on the unlabeled corpus with views dealt across ranks; vote counts
     and confidence sums are all-reduced inside ``select_from_views``. Returns what
     ``selection.json`` holds (``teachers_used`` / ``students_used``: after any override)."""
@@ -578,10 +575,10 @@ def stage1_select(run: Run, engine: Any, tok: Any) -> dict:
     corpus = task.unlabeled
     T = len(task.languages)
     views = parallel_views(corpus, task.languages)
-    run.say(f"stage 1: label distributions of {len(views)} unlabeled views")
+    run.say(f"selection: label distributions of {len(views)} unlabeled views")
     idx, probs = predict_probs(
         engine, tok, views, ctx, cfg.selection.batch_size, cfg.model.max_length,
-        "stage 1 (selection)", cfg.log.progress, view_langs(run, len(views)),
+        "selection", cfg.log.progress, view_langs(run, len(views)),
     )  # fmt: skip
     sel = select_from_views(
         probs, idx // T, idx % T, len(corpus), task.languages,
@@ -591,7 +588,7 @@ def stage1_select(run: Run, engine: Any, tok: Any) -> dict:
     if not teachers and cfg.selection.teachers is None:
         best = max(float(x) for x in sel.scores)
         raise RuntimeError(
-            f"stage 1: no language reached selection.threshold={sel.threshold:g} "
+            f"selection: no language reached selection.threshold={sel.threshold:g} "
             f"(highest shat_t = {best:.4f}); lower the threshold or leave it null (= 1/|T|)"
         )
     if cfg.selection.teachers is not None:  # ablation: override the vote
@@ -613,11 +610,11 @@ def stage1_select(run: Run, engine: Any, tok: Any) -> dict:
     )
     if ctx.is_main:
         atomic_write_json(run.run_dir / "selection.json", out)
-    run.say(f"stage 1: theta={sel.threshold:.4f} teachers={teachers} students={students}")
+    run.say(f"selection: theta={sel.threshold:.4f} teachers={teachers} students={students}")
     return out
 
 
-# ----------------------------------------------------------------------------- stage 2
+# ----------------------------------------------------------------------------- distill
 
 
 def local_languages(languages: list[str], ctx: parallel.ParallelContext) -> list[str]:
@@ -708,18 +705,18 @@ class DevMonitor:
             state = {"guard": self.guard.state(), "reference": self.reference.tolist()}
             atomic_write_json(self.path, state)  # for people and tools; resume reads the ckpt
         if verdict["stop"]:
-            self.run.say(f"GUARD: stopping stage 2 early at step {step}")
+            self.run.say(f"GUARD: stopping distill early at step {step}")
         return verdict["stop"] and self.run.cfg.distill.guard
 
     def _log(self, m: dict, verdict: dict, step: int) -> None:
         tb = self.run.tb
         if "english_accuracy" in m:
-            tb.scalar("stage2/guard/english_dev_accuracy", m["english_accuracy"], step)
-        tb.scalars("stage2/guard/mean_prediction_entropy_bits",
+            tb.scalar("distill/guard/english_dev_accuracy", m["english_accuracy"], step)
+        tb.scalars("distill/guard/mean_prediction_entropy_bits",
                    m["mean_prediction_entropy_bits"], step)  # fmt: skip
-        tb.scalars("stage2/guard/agreement_with_start", m["agreement_with_start"], step)
-        tb.scalar("stage2/guard/consistency", m["consistency"], step)
-        tb.scalar("stage2/guard/healthy", float(verdict["healthy"]), step)
+        tb.scalars("distill/guard/agreement_with_start", m["agreement_with_start"], step)
+        tb.scalar("distill/guard/consistency", m["consistency"], step)
+        tb.scalar("distill/guard/healthy", float(verdict["healthy"]), step)
 
     def best_source(self, last_step: int) -> str | None:
         """The folder of the best healthy check when it is not the last model; None = last."""
@@ -737,10 +734,10 @@ class DevMonitor:
         }
 
 
-STAGE2_NAMES = {"alsace": "self-distillation", "english_self_training": "English self-training"}
+DISTILL_NAMES = {"alsace": "self-distillation", "english_self_training": "English self-training"}
 
 
-def stage2_distill(
+def run_distill(
     run: Run, engine: Any, tok: Any, teachers: list[str], students: list[str],
     monitor: DevMonitor | None, moves: Movement,
 ) -> None:  # fmt: skip
@@ -754,7 +751,7 @@ def stage2_distill(
     if moves.bound is not None and theirs is not None:
         moves.bound["authors_equivalent"] = dataclasses.asdict(theirs)
     run.say(
-        f"stage 2: {STAGE2_NAMES[d.method]} on {n} parallel examples x {T} languages, {total} "
+        f"distill: {DISTILL_NAMES[d.method]} on {n} parallel examples x {T} languages, {total} "
         f"optimizer steps, lr {d.lr:g} ({d.schedule}): Adam moves a weight by at most the sum "
         f"of the learning rates, {moves.most:.3g}"
         + (f"; the authors' recipe for this pair set ({theirs.pairs} pairs of {len(teachers)} "
@@ -766,7 +763,7 @@ def stage2_distill(
     if point["complete"]:
         return
     if monitor is not None and point["micro"] == 0:
-        after_dev(run, engine, tok, "stage2", (teachers, students), monitor)  # the start
+        after_dev(run, engine, tok, "distill", (teachers, students), monitor)  # the start
     if d.method == "english_self_training":
         step, n = english_self_training_step(run, engine, tok)
         # The same optimizer steps (compute, lr schedule) as ALSACE, over the kept half.
@@ -775,7 +772,7 @@ def stage2_distill(
     else:
         step = partial(distill_step, run, engine, tok, teachers=teachers)
     train_loop(
-        run, "stage2", engine, tok, plan, n, d, cfg.run.seed + 1000, step,
+        run, "distill", engine, tok, plan, n, d, cfg.run.seed + 1000, step,
         point, roles=(teachers, students), on_dev=monitor,
     )  # fmt: skip
     save_stage(run, "distill", engine, plan.total_micro, complete=True, on_dev=monitor)
@@ -875,12 +872,12 @@ def _run_stages(run: Run) -> dict:
     source = task.model_source
     if cfg.stage0.enabled:
         exported = parallel.decide(partial(rundir.stage0_exported, run.run_dir), ctx)
-        source = stage0_source(run) if exported else stage0_finetune(run)  # exports are atomic
-        run.say(f"stage 2 starts from {source}")
+        source = stage0_source(run) if exported else run_stage0(run)  # exports are atomic
+        run.say(f"distill starts from {source}")
     d = cfg.distill
     run.ctx = ctx = parallel.with_view_groups(ctx, d.view_parallel_size)
     if ctx.view_size > 1:
-        run.say(f"stage 2 layout: {ctx.dp_world} data-parallel group(s) x {ctx.view_size} "
+        run.say(f"distill layout: {ctx.dp_world} data-parallel group(s) x {ctx.view_size} "
                 "rank(s) sharing each example's language views")  # fmt: skip
     before_saved, sel, final = _cached(run, "before"), _cached(run, "selection"), None
     if d.enabled:
@@ -897,12 +894,12 @@ def _run_stages(run: Run) -> dict:
                               warmup_steps(total, d.warmup_ratio), d.schedule)  # fmt: skip
         del scorer  # the engine holds the module; release_engine must free the last reference
         checkpoint.seed_rank(cfg.run.seed + 1000, ctx.rank)
-        moves = Movement.take(run, "stage2", engine, d, total) if d.enabled else None
+        moves = Movement.take(run, "distill", engine, d, total) if d.enabled else None
     if before_saved is None:
         before_saved = _stats_json(evaluate(run, engine, tok, task.test, "evaluate (before)"))
         rundir.save_result(run.run_dir, "before", before_saved, ctx)
     if sel is None:
-        sel = stage1_select(run, engine, tok)
+        sel = run_selection(run, engine, tok)
         rundir.save_result(run.run_dir, "selection", sel, ctx)
     teachers, students = sel["teachers_used"], sel["students_used"]
     before = summary(run, _stats_of(before_saved), teachers, students)
@@ -917,7 +914,7 @@ def _run_stages(run: Run) -> dict:
             )
         after = summary(run, _stats_of(final["after"]), teachers, students)
         log_summary(run, "eval/after", after, final["steps"])
-        changes["stage2"], guard = final["change"], final["guard"]
+        changes["distill"], guard = final["change"], final["guard"]
     if engine is not None:
         release_engine(engine)
     return write_report(run, sel["threshold"], teachers, students, before, after, guard, changes)
@@ -931,11 +928,11 @@ def _distill_and_evaluate(run: Run, engine, tok, source, ds_cfg, total, roles, m
     teachers, students = roles
     checks = task.dev is not None and cfg.eval.every_epoch  # no dev checks: no guard
     monitor = DevMonitor(run, source) if checks and d.guard else None
-    stage2_distill(run, engine, tok, teachers, students, monitor, moves)
+    run_distill(run, engine, tok, teachers, students, monitor, moves)
     steps = engine.global_steps
     best = monitor.best_source(steps) if monitor else None
     if best is not None:  # the guard kept an earlier, healthy model: report that one
-        run.say(f"stage 2: the final model is the best healthy check, {best}")
+        run.say(f"distill: the final model is the best healthy check, {best}")
         release_engine(engine)
         del engine
         scorer, tok, _ = load_scorer_for(run, best, ds_cfg)
@@ -986,7 +983,7 @@ def guard_markdown(guard: dict, english: str | None) -> str:
         + ("min mean-pred entropy (bits) | min agreement with start | consistency | healthy |")
     )
     cols = head.count("|") - 1
-    lines = ["## Collapse guard (dev checks of stage 2)", "", head, "|" + "---:|" * cols]
+    lines = ["## Collapse guard (dev checks of distill)", "", head, "|" + "---:|" * cols]
     for c in guard["checks"]:
         en = f"{c['english_accuracy']:.2f} | " if english else ""
         lines.append(
