@@ -20,12 +20,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
-FAMILIES = ("xlmr", "mt5")
+from alsace_ds.models.families import FAMILIES, HEADS
+
 EMBEDDED = "embedded"
 HUB_TASKS = ("xnli", "pawsx", "xcopa")  # loaded by name with `datasets` (alsace_ds.data.hub)
 TASK_NAMES = (EMBEDDED, "jsonl", *HUB_TASKS)
-# The heads each family offers; the first is its default (model.head: null).
-HEADS = {"xlmr": ("classification", "cloze"), "mt5": ("label_words",)}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

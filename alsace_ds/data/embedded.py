@@ -1,7 +1,8 @@
 """The embedded default task: a small synthetic multilingual PARALLEL task and a tiny model.
 
-Nothing is downloaded: :func:`build_embedded` writes the JSONL files (format: ``alsace_ds.data.corpus``)
-and a tiny random-init model (``alsace_ds.models.tiny.build_tiny_model``) in a few seconds, so the
+Nothing is downloaded: :func:`build_embedded` writes the JSONL files (format:
+``alsace_ds.data.corpus``) and a tiny random-init model
+(``alsace_ds.models.tiny.build_tiny_model``) in a few seconds, so the
 default run works on a fresh machine without network.
 
 Task
@@ -441,7 +442,8 @@ def build_embedded(
     temporary sibling directory and renamed into place; a caller that finds it already there (or
     loses the rename race) reuses it.
     """
-    from alsace_ds.models.tiny import FAMILIES, build_tiny_model
+    from alsace_ds.models.families import FAMILIES
+    from alsace_ds.models.tiny import build_tiny_model
 
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")

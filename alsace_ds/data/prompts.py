@@ -3,8 +3,8 @@
 Heads that read label words (XLM-R ``cloze``, mT5 ``label_words``) see every view rendered
 through its language's template, and score one verbalizer word per label at the mask
 (METHOD.md, "How the model gives P(y | x)"). The packaged files are
-``alsace_ds/data/templates/{xnli,pawsx,xcopa}.yaml``; a file of your own in the same format is loaded
-with ``load_prompts(..., path=...)``.
+``alsace_ds/data/templates/{xnli,pawsx,xcopa}.yaml``; a file of your own in the same format is
+loaded with ``load_prompts(..., path=...)``.
 
 File format
 ===========

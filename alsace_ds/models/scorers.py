@@ -16,8 +16,8 @@ Scorers that read label words hold a table ``label_token_ids`` ``[T, C]`` (one r
 language, in the task's language order; a single row is shared by every language) and
 ``lang_ids`` picks each input's row.
 
-``load_scorer`` is the single loading path for tiny local folders (``alsace_ds.models.tiny``) and real
-Hub names (``xlm-roberta-large``, ``google/mt5-large``).
+``load_scorer`` is the single loading path for tiny local folders (``alsace_ds.models.tiny``) and
+real Hub names (``xlm-roberta-large``, ``google/mt5-large``).
 """
 
 from __future__ import annotations
@@ -36,13 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-FAMILIES = ("xlmr", "mt5")
-
-# The heads each family offers; the first is the family's default (``head=None``).
-HEADS: dict[str, tuple[str, ...]] = {
-    "xlmr": ("classification", "cloze"),
-    "mt5": ("label_words",),
-}
+from alsace_ds.models.families import FAMILIES, HEADS
 
 View = str | tuple[str, str] | list[str]
 

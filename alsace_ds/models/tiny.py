@@ -21,7 +21,7 @@ from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
-FAMILIES = ("xlmr", "mt5")
+from alsace_ds.models.families import FAMILIES
 
 # Special tokens in id order. XLM-R uses the fairseq order <s>=0, <pad>=1, </s>=2, <unk>=3 and
 # puts <mask> last in the real vocab; here it follows <unk> (id 4) so the ids stay small and

@@ -1,6 +1,7 @@
 """Plan a run's ZeRO stage: per-GPU memory for parameters, gradients and optimizer state.
 
-``python -m alsace_ds.tools.plan --model xlm-roberta-large --nodes 2 --gpus-per-node 8 --gpu-mem 80``
+``python -m alsace_ds.tools.plan --model xlm-roberta-large --nodes 2 --gpus-per-node 8 \
+--gpu-mem 80``
 prints, for ZeRO 0, 1, 2, 2 + optimizer offload, 3, 3 + optimizer offload and 3 + parameter and
 optimizer offload, the estimated per-GPU bytes of the *model states*, the CPU memory per node
 that offload needs, which options fit in ``--gpu-mem`` GiB after a headroom, and a one-line
@@ -69,9 +70,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alsace_ds.models.families import FAMILIES
+
 GIB = 2**30
 DTYPES = ("bf16", "fp32")
-FAMILIES = ("xlmr", "mt5")
 
 # (label, stage, offload_optimizer, offload_param), in table order.
 OPTIONS: tuple[tuple[str, int, bool, bool], ...] = (
