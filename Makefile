@@ -63,7 +63,7 @@ lint: setup
 	$(VENV)/bin/ruff check alsace_ds tests bench && $(VENV)/bin/ruff format --check alsace_ds tests bench
 
 format: setup
-	$(VENV)/bin/ruff format alsace_ds tests && $(VENV)/bin/ruff check --fix alsace_ds tests
+	$(VENV)/bin/ruff format alsace_ds tests bench && $(VENV)/bin/ruff check --fix alsace_ds tests bench
 
 # DeepSpeed's CPU shared-memory all-reduce leaves one ~69 MB buffer per rank in /dev/shm
 # when started by its launcher; remove those that no live process holds open.

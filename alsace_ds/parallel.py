@@ -184,11 +184,13 @@ def device_index(local_rank: int, visible: int) -> int:
     )
 
 
-def init_distributed(timeout_s: float = 600.0) -> ParallelContext:
-    """Initialise the default process group through DeepSpeed and describe this process.
+def init_distributed(timeout_s: float = 600.0, view_size: int = 1) -> ParallelContext:
+    """Initialise the default process group through DeepSpeed and describe this process,
+    with its view groups (``view_size`` consecutive ranks each) built here, once: the
+    context never changes afterwards.
 
-    Idempotent: a second call returns the same context without re-initialising. On CUDA the
-    current device is set to ``cuda:<local_rank>``; elsewhere the device is the CPU.
+    A second call with ``view_size`` 1 returns an equal context without re-initialising. On
+    CUDA the current device is set to ``cuda:<local_rank>``; elsewhere the device is the CPU.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -214,13 +216,14 @@ def init_distributed(timeout_s: float = 600.0) -> ParallelContext:
         device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
-    return ParallelContext(
+    ctx = ParallelContext(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
         device=device,
         timeout_s=timeout_s,
     )
+    return _with_view_groups(ctx, view_size)
 
 
 def shutdown() -> None:
@@ -327,7 +330,7 @@ def all_gather_partitions(part: Tensor, numel: int, ctx: ParallelContext) -> Ten
     return torch.cat(parts)[:numel]
 
 
-def with_view_groups(ctx: ParallelContext, view_size: int) -> ParallelContext:
+def _with_view_groups(ctx: ParallelContext, view_size: int) -> ParallelContext:
     """Split the world into groups of ``view_size`` consecutive ranks.
 
     Every rank creates every group, in the same order (``new_group`` is collective).

@@ -1,7 +1,7 @@
 """Entry point: ``deepspeed --num_gpus N alsace_ds/train.py [--config FILE] [key=value ...]``.
 
 Thin on purpose: parse the config, validate config and data (before any process group,
-model or GPU), initialise distributed, run the stages (``alsace_ds.recipes.alsace``).
+model or GPU), initialise distributed, run the recipe (``alsace_ds.recipes.alsace``).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from alsace_ds.data.tasks import prepare_task
 
         cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
-        ctx = init_distributed(cfg.deepspeed.timeout_s)
+        ctx = init_distributed(cfg.deepspeed.timeout_s, cfg.distill.view_parallel_size)
         if ctx.world_size != expected:
             # e.g. an MPI whose PMI does not match Slurm's: every task would become its own
             # world of 1 and all of them would write the same run directory.
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 "launch",
             )  # fmt: skip
         check_batches(cfg, ctx.world_size)  # the real world, e.g. after MPI discovery
-        from alsace_ds.recipes.alsace import open_run_dir
+        from alsace_ds.recipes.run import open_run_dir
 
         lock = open_run_dir(cfg, ctx)  # one job per run directory; reuse checked, agreed
     except (ConfigError, DataError, LaunchError, PeerError, CheckpointError) as exc:
@@ -108,7 +108,7 @@ def run(cfg, task, ctx, lock) -> int:
     tells the Slurm script so (``ALSACE_STOP_FILE``); the run-directory lock, the process
     group and this rank's shared-memory buffer are released whatever happens."""
     from alsace_ds.engine import signals
-    from alsace_ds.recipes.alsace import run_pipeline
+    from alsace_ds.recipes.alsace import run_alsace
     from alsace_ds.tools.shm_cleanup import unlink_own_buffer
 
     def release() -> None:
@@ -119,7 +119,7 @@ def run(cfg, task, ctx, lock) -> int:
     signals.install()  # SIGUSR1/SIGTERM: stop at the next agreed poll, commit, exit 75
     signals.watch_launcher(release)  # the launcher dies: stop too, and never outlive it
     try:
-        run_pipeline(cfg, task, ctx)
+        run_alsace(cfg, task, ctx)
     except (signals.Preempted, signals.StopRequested) as stop:
         committed = isinstance(stop, signals.Preempted)
         kept = "checkpoint committed" if committed else "finished work kept"

@@ -107,7 +107,7 @@ def test_plan_and_schedule():
 
 
 def test_health_warnings_flag_a_collapse_but_not_a_gain():
-    from alsace_ds.recipes.alsace import health_warnings
+    from alsace_ds.reporting.report import health_warnings
 
     langs = ["en", "a"]
     count = torch.full((2,), 100.0, dtype=torch.float64)

@@ -20,7 +20,7 @@ from _dist_helpers import REPO, child_env, run_code
 from alsace_ds.config import ConfigError, load_config
 from alsace_ds.engine import checkpoint, rundir
 from alsace_ds.io import atomic_write_json, atomic_write_text
-from alsace_ds.recipes.alsace import checkpoint_minutes
+from alsace_ds.recipes.loop import checkpoint_minutes
 
 ENGINE_CODE = r"""
 import json, pathlib, shutil, sys, torch

@@ -13,7 +13,7 @@ from _launch import launch, run_single
 from alsace_ds.config import load_config
 from alsace_ds.data.embedded import EMBEDDED_LANGUAGES
 from alsace_ds.parallel import ParallelContext
-from alsace_ds.recipes.alsace import local_languages
+from alsace_ds.recipes.strategies import local_languages
 
 
 def test_local_language_slots_cover_each_language_once():

@@ -23,10 +23,6 @@ class TBLogger:
         for key, value in values.items():
             self.scalar(f"{prefix}/{key}", value, step)
 
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

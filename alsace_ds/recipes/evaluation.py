@@ -1,0 +1,103 @@
+"""Evaluation inside a recipe: label distributions of a corpus's views (dealt across ranks),
+per-language sums all-reduced into accuracies, TensorBoard curves, and the dev checks that
+training stages run (their decisions use English dev accuracy only: no target labels)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alsace_ds import parallel
+from alsace_ds.data.corpus import ParallelCorpus, View
+from alsace_ds.engine.trainer import predict_probs
+from alsace_ds.method.metrics import accuracy_counts, summarize
+from alsace_ds.recipes.run import Run
+
+
+def parallel_views(corpus: ParallelCorpus, languages: list[str]) -> list[View]:
+    """Example-major flattening: view ``v`` is example ``v // T`` in language ``v % T``."""
+    return [ex.views[lang] for ex in corpus.examples for lang in languages]
+
+
+def view_langs(run: Run, num_views: int) -> list[int] | None:
+    """Label-word table row of each example-major view (languages come first in
+    ``prompt_languages``, so view v's row is ``v % T``); None for the classification head."""
+    if run.task.label_words is None:
+        return None
+    T = len(run.task.languages)
+    return [v % T for v in range(num_views)]
+
+
+def predict_corpus(
+    run: Run, engine: Any, tok: Any, corpus: ParallelCorpus, desc: str, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (view index ``[V]``, probabilities ``[V, C]``) over the corpus's
+    example-major views (view v is example v // T in language v % T)."""
+    views = parallel_views(corpus, run.task.languages)
+    cfg = run.cfg
+    return predict_probs(
+        engine, tok, views, run.ctx, batch_size, cfg.model.max_length, desc,
+        cfg.log.progress, view_langs(run, len(views)),
+    )  # fmt: skip
+
+
+def count_stats(run: Run, corpus: ParallelCorpus, idx: torch.Tensor, probs: torch.Tensor) -> dict:
+    """Per-language sums (correct, count, prediction histogram), all-reduced."""
+    T = len(run.task.languages)
+    labels = corpus.labels()[idx // T]
+    stats = accuracy_counts(probs.argmax(-1), labels, idx % T, T, run.task.num_labels)
+    return {k: parallel.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
+
+
+def evaluate(run: Run, engine: Any, tok: Any, corpus: ParallelCorpus, desc: str) -> dict:
+    """Reduced per-language sums over all ranks (:func:`count_stats`)."""
+    idx, probs = predict_corpus(run, engine, tok, corpus, desc, run.cfg.eval.batch_size)
+    return count_stats(run, corpus, idx, probs)
+
+
+def summary(run: Run, stats: dict, teachers: list[str], students: list[str]) -> dict:
+    return summarize(
+        run.task.languages, stats["correct"], stats["count"], run.task.english,
+        teachers, students, stats["pred_hist"],
+    )  # fmt: skip
+
+
+def log_summary(run: Run, prefix: str, summ: dict, step: int) -> None:
+    run.tb.scalars(f"{prefix}/accuracy", summ["accuracy"], step)
+    gaps = {k: v for k, v in summ["gap"].items() if k != run.task.english and v is not None}
+    if gaps:
+        run.tb.scalars(f"{prefix}/gap", gaps, step)
+    for group, avg in summ["averages"].items():
+        if avg["accuracy"] is not None:
+            run.tb.scalar(f"{prefix}/avg_accuracy/{group}", avg["accuracy"], step)
+        if avg["gap"] is not None:
+            run.tb.scalar(f"{prefix}/avg_gap/{group}", avg["gap"], step)
+
+
+@dataclass(frozen=True)
+class DevResult:
+    summ: dict  # accuracies etc. (all-reduced)
+    idx: torch.Tensor  # this rank's view indices [V]
+    probs: torch.Tensor  # [V, C]
+
+
+def dev_check(
+    run: Run, engine: Any, tok: Any, stage: str, step: int, roles=None
+) -> DevResult | None:
+    """Per-language dev accuracy during training, logged as curves; None when the task has
+    no dev set or ``eval.every_epoch`` is off."""
+    dev = run.task.dev
+    if dev is None or not run.cfg.eval.every_epoch:
+        return None
+    idx, probs = predict_corpus(run, engine, tok, dev, f"{stage} dev", run.cfg.eval.batch_size)
+    teachers, students = roles or (run.task.languages, [])
+    summ = summary(run, count_stats(run, dev, idx, probs), teachers, students)
+    log_summary(run, f"{stage}/dev", summ, step)
+    avg = summ["averages"]["all"]
+    en = run.task.english
+    head = f"{en}={summ['accuracy'][en]:.2f} " if en else ""
+    gap = f" avg gap={avg['gap']:.2f}" if avg["gap"] is not None else ""
+    run.say(f"{stage} step {step}: dev acc {head}avg={avg['accuracy']:.2f}{gap}")
+    return DevResult(summ, idx, probs)

@@ -1,0 +1,162 @@
+"""The variants a recipe takes, each registered by name in one table:
+
+- :data:`SELECTION_RULES` (``teachers, students`` from the vote's :class:`Selection`): the
+  paper's threshold on shat_t, or a fixed set (``selection.teachers``, e.g. the paper's
+  no-selection ablation ``[all]``);
+- :data:`DISTILL_METHODS` (``distill.method``): what one distill micro-step trains on. ALSACE's
+  pair KL over (any language, teacher) views of the same example, or the paper's Table 4
+  English self-training baseline. The pair policy and direction of the KL are options of
+  :func:`alsace_ds.method.pairs.pair_kl_loss`.
+
+A new variant is one function here and one entry in its table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alsace_ds import parallel
+from alsace_ds.config import Config, SelectionConfig
+from alsace_ds.engine.trainer import (
+    StepPlan,
+    cross_entropy_step,
+    forward_views,
+    predict_probs,
+)
+from alsace_ds.method.pairs import pair_kl_loss
+from alsace_ds.method.selection import Selection, most_confident
+from alsace_ds.recipes.run import Run
+
+Roles = tuple[list[str], list[str]]  # (teachers, students), each in the task's language order
+Step = Callable[[list[int]], torch.Tensor]
+
+# ----------------------------------------------------------------------------- selection rules
+
+
+def threshold_roles(sel: Selection, languages: list[str], cfg: SelectionConfig) -> Roles:
+    """The paper's rule: teachers are the languages with shat_t >= theta."""
+    if not sel.teachers:
+        best = max(float(x) for x in sel.scores)
+        raise RuntimeError(
+            f"selection: no language reached selection.threshold={sel.threshold:g} "
+            f"(highest shat_t = {best:.4f}); lower the threshold or leave it null (= 1/|T|)"
+        )
+    return sel.teachers, sel.students
+
+
+def fixed_roles(sel: Selection, languages: list[str], cfg: SelectionConfig) -> Roles:
+    """``selection.teachers`` overrides the vote (``[all]``: every language a teacher)."""
+    chosen = languages if cfg.teachers == ["all"] else cfg.teachers
+    return [x for x in languages if x in chosen], [x for x in languages if x not in chosen]
+
+
+SELECTION_RULES: dict[str, Callable[[Selection, list[str], SelectionConfig], Roles]] = {
+    "threshold": threshold_roles,
+    "fixed": fixed_roles,
+}
+
+
+def selection_rule(cfg: SelectionConfig) -> str:
+    return "fixed" if cfg.teachers is not None else "threshold"
+
+
+# ----------------------------------------------------------------------------- distill methods
+
+
+@dataclass(frozen=True)
+class DistillMethod:
+    title: str  # for log lines
+    # (run, engine, tokenizer, teachers, plan) -> (micro-step, examples drawn from, plan)
+    build: Callable[[Run, Any, Any, list[str], StepPlan], tuple[Step, int, StepPlan]]
+
+
+def local_languages(languages: list[str], ctx: parallel.ParallelContext) -> list[str]:
+    """The language slots this rank runs: ``ceil(T / V)`` per member of the view group, the
+    slots past T padded with a copy of the first language (same forward count on every rank;
+    the padded outputs are cut off after the gather, so they get no loss and no gradient)."""
+    per = -(-len(languages) // ctx.view_size)
+    slots = range(ctx.view_rank * per, (ctx.view_rank + 1) * per)
+    return [languages[j] if j < len(languages) else languages[0] for j in slots]
+
+
+def self_distillation(
+    run: Run, engine: Any, tok: Any, teachers: list[str], plan: StepPlan
+) -> tuple[Step, int, StepPlan]:
+    """ALSACE: one micro-step is ONE forward over this rank's B x T_local views, the view
+    group's distributions gathered (differentiably) to ``[B, T, C]``, KL over every (any,
+    teacher) pair. Every member computes the same group loss; the gather's backward sums the
+    members' gradients into each view's owner, and DeepSpeed's average over all ranks then
+    equals the mean over view groups (= the one-rank result when there is one group)."""
+    cfg, task, ctx = run.cfg, run.task, run.ctx
+    d, langs = cfg.distill, task.languages
+    mine = local_languages(langs, ctx)
+    examples = task.unlabeled.examples
+
+    def step(batch: list[int]) -> torch.Tensor:
+        views = [examples[i].views[lang] for i in batch for lang in mine]
+        lang_ids = None
+        if task.label_words is not None:
+            lang_ids = [task.lang_id(lang) for _ in batch for lang in mine]
+        logits = forward_views(engine, tok, views, cfg.model.max_length, ctx.device, lang_ids)
+        local = torch.log_softmax(logits.float(), dim=-1).view(len(batch), len(mine), -1)
+        log_probs = parallel.gather_views(local, ctx)[:, : len(langs)]  # [B, T, C]
+        loss = pair_kl_loss(
+            log_probs, langs, teachers,
+            pairs=d.pairs, direction=d.direction, detach_teacher=d.detach_teacher,
+        )  # fmt: skip
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return step, len(examples), plan
+
+
+def english_self_training(
+    run: Run, engine: Any, tok: Any, teachers: list[str], plan: StepPlan
+) -> tuple[Step, int, StepPlan]:
+    """Paper Table 4's English self-training: pseudo-label the unlabeled English views with
+    the fine-tuned model, keep the most confident half, cross-entropy on those; the same
+    optimizer steps (compute, lr schedule) as ALSACE, over the kept half."""
+    task, cfg, ctx = run.task, run.cfg, run.ctx
+    english = task.english or task.train_language
+    corpus = task.unlabeled
+    views = [ex.views[english] for ex in corpus.examples]
+    langs = None if task.label_words is None else [task.lang_id(english)] * len(views)
+    idx, probs = predict_probs(
+        engine, tok, views, ctx, cfg.selection.batch_size, cfg.model.max_length,
+        "self-training: pseudo-labels", cfg.log.progress, langs,
+    )  # fmt: skip
+    N, C = len(views), task.num_labels
+    dense = torch.zeros(N, C, dtype=torch.float64)
+    dense[idx] = probs.to(torch.float64)
+    dense = parallel.all_reduce_sum(dense, ctx)  # [N, C] on every rank
+    keep, labels = most_confident(dense, 0.5)
+    kept = [corpus.examples[i] for i in keep.tolist()]
+    run.say(f"self-training: kept the {len(kept)} most confident of {N} English pseudo-labels")
+
+    def step(batch: list[int]) -> torch.Tensor:
+        views_b = [kept[i].views[english] for i in batch]
+        ids = None if langs is None else langs[: len(batch)]
+        return cross_entropy_step(
+            engine, tok, views_b, labels[batch], cfg.model.max_length, ctx.device, ids
+        )
+
+    d = cfg.distill
+    per_epoch = d.grad_accum * -(-len(kept) // (d.micro_batch * ctx.dp_world * d.grad_accum))
+    return step, len(kept), StepPlan(per_epoch, plan.total_micro, plan.grad_accum)
+
+
+DISTILL_METHODS: dict[str, DistillMethod] = {
+    "alsace": DistillMethod("self-distillation", self_distillation),
+    "english_self_training": DistillMethod("English self-training", english_self_training),
+}
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Choices the config names that no table here registers."""
+    if cfg.distill.method not in DISTILL_METHODS:
+        return [f"distill.method: {cfg.distill.method!r} is not one of {list(DISTILL_METHODS)}"]
+    return []
