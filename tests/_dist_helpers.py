@@ -62,6 +62,22 @@ def run_code(code: str, *args: str, timeout: float = 300) -> subprocess.Complete
             os.unlink(path)
 
 
+# Prepended to a run_code snippet: a one-rank ZeRO engine (stage 2 or 3, AdamW at 1e-3) around
+# a tiny random XLM-R classifier built into `folder`; returns (engine, tokenizer, module).
+TINY_ENGINE = """
+from alsace_ds.engine.trainer import build_engine, load_for_stage
+from alsace_ds.models.tiny import build_tiny_model
+
+def tiny_engine(folder, stage):
+    path = build_tiny_model(folder, "xlmr", ["a", "b", "c"], ["x", "y"])
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
+          "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+          "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    scorer, tok, _ = load_for_stage("xlmr", str(path), 2, None, None, ds)
+    return build_engine(scorer, ds, 1e-3, 0.0, 10, 0), tok, scorer
+"""
+
+
 def shm_op_cached() -> bool:
     """True when DeepSpeed's CPU shm comm op is already JIT-built in the extension cache."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))

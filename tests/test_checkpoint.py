@@ -16,22 +16,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _dist_helpers import REPO, child_env, run_code
+from _dist_helpers import REPO, TINY_ENGINE, child_env, run_code
 from alsace_ds.config import ConfigError, load_config
 from alsace_ds.engine import checkpoint, rundir
 from alsace_ds.io import atomic_write_json, atomic_write_text
 from alsace_ds.recipes.loop import checkpoint_minutes
 
-ENGINE_CODE = r"""
+ENGINE_CODE = (
+    TINY_ENGINE
+    + r"""
 import json, pathlib, shutil, sys, torch
 from alsace_ds.engine import checkpoint
 from alsace_ds import parallel
-from alsace_ds.models.tiny import build_tiny_model
-from alsace_ds.engine.trainer import build_engine, load_for_stage
 
 out = pathlib.Path(sys.argv[1])
 ctx = parallel.init_distributed(60)
-path = build_tiny_model(out / "model", "xlmr", ["a", "b", "c"], ["x", "y"])
 results = {}
 
 class Evil:
@@ -47,11 +46,7 @@ def attempt(engine, folder):
         return {"error": str(exc)}
 
 for stage in (2, 3):
-    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
-          "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
-          "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
-    scorer, tok, _ = load_for_stage("xlmr", str(path), 2, None, None, ds)
-    engine = build_engine(scorer, ds, 1e-3, 0.0, 10, 0)
+    engine, tok, _ = tiny_engine(out / f"model{stage}", stage)
     enc = tok(["a b", "c"], return_tensors="pt", padding=True)
     engine.backward(engine(**enc).float().sum()); engine.step()
     folder = out / f"zero{stage}"
@@ -86,6 +81,7 @@ for stage in (2, 3):
 print("RESULTS " + json.dumps(results))
 parallel.shutdown()
 """
+)
 
 
 def test_commit_verify_and_load_refuse_damage_and_pickles(tmp_path):

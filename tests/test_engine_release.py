@@ -3,22 +3,18 @@ is freed: module, ZeRO partitions and optimizer state, under ZeRO-2 and ZeRO-3."
 
 from __future__ import annotations
 
-from _dist_helpers import run_code
+from _dist_helpers import TINY_ENGINE, run_code
 
-CODE = """
+CODE = (
+    TINY_ENGINE
+    + """
 import gc, pathlib, sys, weakref
 from alsace_ds import parallel
-from alsace_ds.models.tiny import build_tiny_model
-from alsace_ds.engine.trainer import build_engine, load_for_stage, release_engine
+from alsace_ds.engine.trainer import release_engine
 
 ctx = parallel.init_distributed(60)
-path = build_tiny_model(pathlib.Path(sys.argv[1]), "xlmr", ["a", "b", "c"], ["x", "y"])
 for stage in (2, 3):
-    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
-          "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
-          "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
-    scorer, tok, _ = load_for_stage("xlmr", str(path), 2, None, None, ds)
-    engine = build_engine(scorer, ds, 1e-3, 0.0, 10, 0)
+    engine, tok, scorer = tiny_engine(pathlib.Path(sys.argv[1]) / f"zero{stage}", stage)
     module, optimizer = weakref.ref(scorer), weakref.ref(engine.optimizer)
     del scorer
     release_engine(engine)
@@ -27,6 +23,7 @@ for stage in (2, 3):
     print(f"zero{stage}: module freed {module() is None}, optimizer freed {optimizer() is None}")
 parallel.shutdown()
 """
+)
 
 
 def test_release_engine_frees_module_and_optimizer(tmp_path):
