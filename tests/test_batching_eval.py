@@ -10,7 +10,14 @@ import torch
 from alsace_ds.data.batching import train_batches, view_batches
 from alsace_ds.engine.schedules import lr_factor
 from alsace_ds.engine.trainer import plan_steps
-from alsace_ds.method.metrics import accuracy_counts, entropy_bits, markdown_table, summarize
+from alsace_ds.method.guard import collapse_warnings
+from alsace_ds.method.metrics import (
+    accuracy_counts,
+    entropy_bits,
+    markdown_table,
+    per_language_sum,
+    summarize,
+)
 
 
 @pytest.mark.parametrize("n,micro,world", [(10, 3, 2), (7, 4, 3), (1, 2, 2), (16, 4, 2)])
@@ -59,19 +66,44 @@ def test_view_batches_equal_forwards_and_exact_cover(items, bs, world):
         assert ls == sorted(ls, reverse=True)
 
 
+def test_per_language_sum_against_loop():
+    gen = torch.Generator().manual_seed(1)
+    V, T, K = 50, 4, 3
+    values = torch.randn(V, K, generator=gen)
+    lang = torch.randint(0, T, (V,), generator=gen)
+    lang[:T] = torch.arange(T)  # every language has a view
+    out = per_language_sum(values, lang, T)
+    assert out.shape == (T, K) and out.dtype == torch.float64
+    for t in range(T):
+        for k in range(K):
+            ref = sum(float(values[i, k]) for i in range(V) if lang[i] == t)
+            assert float(out[t, k]) == pytest.approx(ref, rel=1e-12, abs=1e-12)
+    assert per_language_sum(values[:0], lang[:0], T).tolist() == [[0.0] * K] * T
+
+
 def test_accuracy_counts_against_loop():
     gen = torch.Generator().manual_seed(0)
     V, T, C = 200, 4, 3
-    preds = torch.randint(0, C, (V,), generator=gen)
+    probs = torch.softmax(torch.randn(V, C, generator=gen), -1)
+    preds = probs.argmax(-1)
     labels = torch.randint(0, C, (V,), generator=gen)
     lang = torch.randint(0, T, (V,), generator=gen)
-    out = accuracy_counts(preds, labels, lang, T, C)
+    out = accuracy_counts(probs, labels, lang, T)
+    assert set(out) == {"correct", "count", "pred_hist", "prob_sum"}
     for t in range(T):
         sel = [i for i in range(V) if lang[i] == t]
         assert out["count"][t] == len(sel)
         assert out["correct"][t] == sum(int(preds[i] == labels[i]) for i in sel)
         for c in range(C):
             assert out["pred_hist"][t, c] == sum(int(preds[i] == c) for i in sel)
+            ref = sum(float(probs[i, c]) for i in sel)
+            assert float(out["prob_sum"][t, c]) == pytest.approx(ref, rel=1e-12)
+    # sums: two halves add up to the whole (what the all-reduce does)
+    halves = [
+        accuracy_counts(probs[s], labels[s], lang[s], T) for s in (slice(0, 77), slice(77, None))
+    ]
+    for k, v in out.items():
+        assert torch.allclose(v, halves[0][k] + halves[1][k], rtol=1e-12, atol=1e-12), k
 
 
 def test_summarize_gap_and_group_averages():
@@ -95,6 +127,27 @@ def test_entropy_bits():
     assert entropy_bits([5, 5]) == pytest.approx(1.0)
     assert entropy_bits([10, 0, 0]) == 0.0
     assert entropy_bits([1, 1, 1, 1]) == pytest.approx(2.0)
+    assert entropy_bits([0, 0]) == 0.0
+    # a summed distribution and its mean have the same entropy
+    total = torch.tensor([30.0, 10.0], dtype=torch.float64)
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert entropy_bits(total) == pytest.approx(h, abs=1e-12)
+    assert entropy_bits(total / 40) == pytest.approx(h, abs=1e-12)
+
+
+def test_summarize_mean_prediction_entropy():
+    """The entropy of the MEAN predicted distribution, not of the argmax histogram: every
+    view predicting label 0 at 0.75 is no collapse to the mean (0.81 bits), although its
+    argmax histogram has 0 bits."""
+    langs = ["en", "a"]
+    count = torch.full((2,), 4.0, dtype=torch.float64)
+    prob_sum = torch.tensor([[3.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    hist = torch.tensor([[4.0, 0.0], [2.0, 2.0]], dtype=torch.float64)
+    s = summarize(langs, count, count, "en", langs, [], hist, prob_sum)
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert s["mean_prediction_entropy_bits"] == pytest.approx({"en": h, "a": 1.0}, abs=1e-12)
+    assert s["prediction_entropy_bits"] == {"en": 0.0, "a": 1.0}
+    assert "mean_prediction_entropy_bits" not in summarize(langs, count, count, "en", langs, [])
 
 
 def test_plan_and_schedule():
@@ -106,19 +159,37 @@ def test_plan_and_schedule():
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
 
 
-def test_health_warnings_flag_a_collapse_but_not_a_gain():
-    from alsace_ds.reporting.report import health_warnings
-
+def _test_summary(correct, prob_sum):
+    """summarize() of 100 test examples in en and a (4 labels)."""
     langs = ["en", "a"]
     count = torch.full((2,), 100.0, dtype=torch.float64)
-    spread = torch.tensor([[40.0, 30.0, 30.0], [35.0, 35.0, 30.0]], dtype=torch.float64)
-    before = summarize(langs, torch.tensor([90.0, 60.0]), count, "en", langs, [], spread)
-    gain = summarize(langs, torch.tensor([90.0, 70.0]), count, "en", langs, [], spread)
-    one_label = torch.tensor([[100.0, 0, 0], [100.0, 0, 0]], dtype=torch.float64)
-    collapse = summarize(langs, torch.tensor([40.0, 40.0]), count, "en", langs, [], one_label)
-    assert health_warnings(before, gain, "en") == []
-    assert health_warnings(before, None, "en") == []
-    w = health_warnings(before, collapse, "en")
-    assert any("average accuracy fell from 75.00 to 40.00" in x for x in w)
-    assert any("en accuracy fell by 50.00 points" in x for x in w)
-    assert sum("collapsing toward one label" in x for x in w) == 2
+    sums = torch.tensor(prob_sum, dtype=torch.float64)
+    return summarize(langs, torch.tensor(correct), count, "en", langs, [], None, sums)
+
+
+def test_collapse_warnings_hand_computed():
+    # before: en 90 / a 60 (avg 75); mean predictions en uniform (2 bits), a on 2 labels (1 bit)
+    before = _test_summary([90.0, 60.0], [[25, 25, 25, 25], [50, 50, 0, 0]])
+    # after: en 87 (-3 points), a 50 (avg 68.5); en on 2 labels (1 bit), a on one (0 bits)
+    after = _test_summary([87.0, 50.0], [[50, 50, 0, 0], [100, 0, 0, 0]])
+    assert collapse_warnings(before, after, "en", 2.0, 0.5) == [
+        "average accuracy fell from 75.00 to 68.50: a smaller gap is no gain here",
+        "en accuracy fell by 3.00 points",
+        "a: prediction entropy fell from 1.00 to 0.00 bits "
+        "(predictions collapsing toward one label)",
+    ]
+    # the thresholds are the arguments: a 3-point drop is allowed at 3.0; at ratio 0.6 the
+    # English 2 -> 1 bits (ratio 0.5) is a collapse too
+    assert collapse_warnings(before, after, "en", 3.0, 0.6) == [
+        "average accuracy fell from 75.00 to 68.50: a smaller gap is no gain here",
+        "en: prediction entropy fell from 2.00 to 1.00 bits "
+        "(predictions collapsing toward one label)",
+        "a: prediction entropy fell from 1.00 to 0.00 bits "
+        "(predictions collapsing toward one label)",
+    ]
+    # a gain: accuracy up, entropies kept -> no warning; no distillation -> no warning
+    gain = _test_summary([90.0, 70.0], [[25, 25, 25, 25], [40, 40, 10, 10]])
+    assert collapse_warnings(before, gain, "en", 2.0, 0.5) == []
+    assert collapse_warnings(before, None, "en", 2.0, 0.5) == []
+    # no English (XCOPA): the English rule is off
+    assert collapse_warnings(before, after, None, 2.0, 0.5)[1].startswith("a: prediction")

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from alsace_ds.method.pairs import build_pairs, pair_kl_loss, pair_kl_terms
+from alsace_ds.method import pairs as pairs_module
+from alsace_ds.method.pairs import PAIR_POLICIES, build_pairs, pair_kl_loss
 
 LANGS = ["en", "a", "b", "c"]
 
@@ -98,14 +99,11 @@ def naive_loss(
     mode: str,
     direction: str,
     detach: bool,
-    mask: list[list[bool]] | None = None,
 ) -> torch.Tensor:
     """Mean over (example, pair) of KL with explicit sums over labels."""
     total, count = logits.sum() * 0, 0
     for b in range(logits.shape[0]):
         for t1, t2 in naive_pairs(langs, teachers, mode):
-            if mask is not None and not (mask[b][t1] and mask[b][t2]):
-                continue
             lp1 = torch.log_softmax(logits[b, t1], dim=-1)
             lp2 = torch.log_softmax(logits[b, t2], dim=-1)
             if detach:
@@ -166,49 +164,45 @@ def test_detach_changes_gradient_not_value(mode: str, direction: str) -> None:
     assert not torch.allclose(g_both[:, [0, 2]], g_stop[:, [0, 2]])
 
 
-def test_masked_terms_match_naive_and_ignore_garbage() -> None:
-    gen = torch.Generator().manual_seed(7)
-    langs = ["en", "fr", "de", "zh"]
-    teachers = ["en", "de"]
-    mask = torch.tensor(
-        [[True, True, True, True], [True, False, True, True], [False, True, True, False]]
-    )
-    logits = torch.randn(3, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    log_probs = torch.log_softmax(logits, -1)
-    for mode, direction in itertools.product(["ordered", "unordered"], ["forward", "reverse"]):
-        total, count = pair_kl_terms(
-            log_probs, langs, teachers, pairs=mode, direction=direction, view_mask=mask
-        )
-        loss = total / count
-        ref = naive_loss(logits, langs, teachers, mode, direction, False, mask.tolist())
-        expected_count = sum(
-            1
-            for b in range(3)
-            for t1, t2 in naive_pairs(langs, teachers, mode)
-            if mask[b, t1] and mask[b, t2]
-        )
-        assert int(count) == expected_count and count.dtype == torch.int64
-        assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
-        (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
-        (g_ref,) = torch.autograd.grad(ref, logits)
-        assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-14)
-    # NaN in masked views reaches neither the value nor the gradient.
-    leaf = log_probs.detach().clone()
-    leaf[~mask] = float("nan")
-    leaf.requires_grad_()
-    loss = pair_kl_loss(leaf, langs, teachers, view_mask=mask)
-    loss.backward()
-    clean = pair_kl_loss(log_probs.detach(), langs, teachers, view_mask=mask)
-    assert loss.item() == pytest.approx(clean.item(), rel=1e-12)
-    assert torch.isfinite(leaf.grad).all() and (leaf.grad[~mask] == 0).all()
-
-
-def test_unmasked_count_and_sum() -> None:
+def test_loss_is_the_mean_over_examples_and_pairs() -> None:
     log_probs = torch.log_softmax(torch.randn(5, 4, 3, dtype=torch.float64), -1)
-    total, count = pair_kl_terms(log_probs, LANGS, ["en", "b"])
-    assert int(count) == 5 * 6
+    pairs = build_pairs(LANGS, ["en", "b"])
+    assert len(pairs) == 6
+    terms = [
+        float((log_probs[b, t1].exp() * (log_probs[b, t1] - log_probs[b, t2])).sum())
+        for b in range(5)
+        for t1, t2 in pairs
+    ]
     loss = pair_kl_loss(log_probs, LANGS, ["en", "b"])
-    assert loss.item() == pytest.approx(total.item() / 30, rel=1e-15)
+    assert loss.dim() == 0 and loss.item() == pytest.approx(sum(terms) / 30, rel=1e-13)
+
+
+def test_a_new_pair_policy_is_one_function_and_one_entry(monkeypatch) -> None:
+    """Register a policy (students only toward the FIRST teacher) and it works end to end."""
+
+    def first_teacher(num: int, teachers: set[int]) -> list[tuple[int, int]]:
+        return [(t1, min(teachers)) for t1 in range(num) if t1 not in teachers]
+
+    monkeypatch.setitem(PAIR_POLICIES, "first_teacher", first_teacher)
+    assert build_pairs(LANGS, ["b", "en"], "first_teacher") == [(1, 0), (3, 0)]
+    lp = torch.log_softmax(torch.randn(2, 4, 3, dtype=torch.float64), -1)
+    loss = pair_kl_loss(lp, LANGS, ["en", "b"], pairs="first_teacher")
+    terms = [float((lp[b, t].exp() * (lp[b, t] - lp[b, 0])).sum()) for b in (0, 1) for t in (1, 3)]
+    assert loss.item() == pytest.approx(sum(terms) / 4, rel=1e-13)
+
+
+def test_a_new_direction_is_one_function_and_one_entry(monkeypatch) -> None:
+    """A registered direction (here: symmetric KL) reaches the loss by its name."""
+
+    def symmetric(lp1: torch.Tensor, lp2: torch.Tensor) -> torch.Tensor:
+        return pairs_module.forward_kl(lp1, lp2) + pairs_module.reverse_kl(lp1, lp2)
+
+    monkeypatch.setitem(pairs_module.DIRECTIONS, "symmetric", symmetric)
+    lp = torch.log_softmax(torch.randn(3, 4, 3, dtype=torch.float64), -1)
+    both = pair_kl_loss(lp, LANGS, ["en", "b"], direction="symmetric")
+    fwd = pair_kl_loss(lp, LANGS, ["en", "b"], direction="forward")
+    rev = pair_kl_loss(lp, LANGS, ["en", "b"], direction="reverse")
+    assert both.item() == pytest.approx(fwd.item() + rev.item(), rel=1e-13)
 
 
 def test_identical_views_give_zero_loss() -> None:
@@ -227,17 +221,9 @@ def test_low_precision_is_upcast() -> None:
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("case", ["one_language", "all_masked"])
-def test_no_terms_gives_connected_zero(case: str) -> None:
-    if case == "one_language":
-        logits = torch.randn(3, 1, 3, requires_grad=True)
-        langs, teachers, mask = ["en"], ["en"], None
-    else:
-        logits = torch.randn(3, 4, 3, requires_grad=True)
-        langs, teachers = LANGS, ["en", "b"]
-        mask = torch.zeros(3, 4, dtype=torch.bool)
-        mask[:, 1] = True  # only a student view is valid: no pair has both views
-    loss = pair_kl_loss(torch.log_softmax(logits, -1), langs, teachers, view_mask=mask)
+def test_no_terms_gives_connected_zero() -> None:
+    logits = torch.randn(3, 1, 3, requires_grad=True)  # one language: no pair
+    loss = pair_kl_loss(torch.log_softmax(logits, -1), ["en"], ["en"])
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert logits.grad is not None and (logits.grad == 0).all()
@@ -251,7 +237,5 @@ def test_loss_errors() -> None:
         pair_kl_loss(lp, LANGS[:3], ["en"])
     with pytest.raises(ValueError, match="direction"):
         pair_kl_loss(lp, LANGS, ["en"], direction="both")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="view_mask"):
-        pair_kl_loss(lp, LANGS, ["en"], view_mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="empty"):
         pair_kl_loss(lp, LANGS, [])

@@ -11,7 +11,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from _launch import run_single
-from alsace_ds.method.guard import Guard, monitor_metrics, monitor_sums
+from alsace_ds.method.guard import Guard, collapse_warnings, monitor_metrics, monitor_sums
+from alsace_ds.method.metrics import summarize
 
 LANGS = ["en", "fr", "sw"]
 
@@ -37,6 +38,7 @@ def test_sums_split_across_ranks_equal_one_process_and_a_naive_loop():
     for t, x in enumerate(LANGS):  # naive per-language loops
         rows = [i for i in range(len(probs)) if lang[i] == t]
         mean = sum(probs[i].double() for i in rows) / len(rows)
+        mean = mean / mean.sum()  # float32 rows sum to 1 +- 1e-7: the entropy's distribution
         h = -sum(float(p) * math.log2(float(p)) for p in mean)
         assert metrics["mean_prediction_entropy_bits"][x] == pytest.approx(h, abs=1e-9)
         acc = 100 * sum(int(probs[i].argmax() == labels[ex[i]]) for i in rows) / len(rows)
@@ -67,7 +69,7 @@ def test_guard_decisions():
     assert "English dev accuracy 87.90 < start 90.00 - 2" in v["problems"][0]
     assert g.check(_m(89, 0.7, 95), 6)["problems"][0].startswith("en: mean-prediction entropy")
     assert g.check(_m(89, 0.7, 95), 6)["stop"] is True  # third unhealthy in a row (patience 2)
-    assert g.best_step == 2 and g.best_score == 75
+    assert g.best_step == 2
     # the latest healthy check is kept even when its consistency is lower
     k = Guard()
     k.check(_m(90, 1.5, 80), 0)
@@ -88,6 +90,45 @@ def test_guard_decisions():
     h = Guard()
     h.load(json.loads(json.dumps(g.state())))
     assert (h.best_step, h.bad_streak, h.start) == (2, g.bad_streak, g.start)
+
+
+def test_guard_loads_the_state_of_older_checkpoints():
+    """States saved before best_score was dropped still carry it: they load, and the key is
+    not written again."""
+    g = Guard()
+    g.check(_m(90, 1.5, 80), 0)
+    old = {**g.state(), "best_score": 80.0}
+    h = Guard()
+    h.load(json.loads(json.dumps(old)))
+    assert (h.best_step, h.bad_streak, h.start, h.history) == (0, 0, g.start, g.history)
+    assert "best_score" not in h.state()
+
+
+def test_report_warnings_apply_the_guard_rules():
+    """collapse_warnings (test set, before -> after) and Guard.problems (dev checks) decide
+    the English drop and the entropy collapse with the same rules and thresholds (cases on
+    both sides of each threshold, and on it: a drop of exactly max_en_drop is allowed)."""
+    langs, count = ["en", "fr"], torch.full((2,), 100.0, dtype=torch.float64)
+
+    def summary(en: float, p: float) -> dict:  # both languages predict [p, 1 - p] on average
+        sums = torch.tensor([[p, 1 - p]] * 2, dtype=torch.float64) * 100
+        return summarize(langs, torch.tensor([en, 50.0]), count, "en", langs, [], None, sums)
+
+    before = summary(90.0, 0.7)  # 0.88 bits
+    for drop, ratio in [(2.0, 0.5), (0.5, 0.9), (5.0, 0.2)]:
+        for en, p in [(89.0, 0.75), (87.9, 0.7), (90.0, 0.8), (85.0, 0.97), (89.6, 0.72)]:
+            after = summary(en, p)
+            g = Guard(max_en_drop=drop, min_entropy_ratio=ratio)
+            g.check(_m(90.0, before["mean_prediction_entropy_bits"]["en"], 0), 0)
+            guard = g.check(_m(en, after["mean_prediction_entropy_bits"]["en"], 0), 1)["problems"]
+            report = collapse_warnings(before, after, "en", drop, ratio)
+            case = (drop, ratio, en, p)
+            assert any(x.startswith("English dev") for x in guard) == any(
+                x.startswith("en accuracy fell") for x in report
+            ), case
+            assert sum("collapsing" in x for x in guard) == sum(
+                "collapsing" in x for x in report
+            ), case
 
 
 def test_collapse_is_stopped_and_rolled_back(tmp_path, cache):

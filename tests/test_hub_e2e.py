@@ -178,7 +178,9 @@ def test_views_not_parallel_name_language_and_row(tmp_path, xnli):
 def test_template_without_mask_names_task_and_language(tmp_path, xnli):
     repo, models = xnli
     bad = tmp_path / "xnli.yaml"
-    text_ = (Path(__file__).parent.parent / "alsace_ds" / "prompts" / "xnli.yaml").read_text()
+    text_ = (
+        Path(__file__).parent.parent / "alsace_ds" / "data" / "templates" / "xnli.yaml"
+    ).read_text()
     bad.write_text(
         text_.replace('["{premise} ?", "{mask}, {hypothesis}"]', '["{premise} ?", "{hypothesis}"]')
     )

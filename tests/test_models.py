@@ -197,6 +197,23 @@ def test_dropout_override(tiny_dirs):
     assert ds.hf_model.config.hidden_dropout_prob == 0.1
 
 
+def test_views_have_one_type():
+    """The scorers encode the corpus's views: one definition of a view (data/corpus.py)."""
+    from alsace_ds.data import corpus
+    from alsace_ds.models import scorers
+
+    assert scorers.View is corpus.View
+
+
+def _export(scorer, tok, out_dir):
+    """Save as the product does (``engine.trainer.export_hf``): the wrapped HF model's
+    ``save_pretrained`` with the scorer's state dict (``hf_model.`` prefix removed), then the
+    tokenizer. The folder is a plain Hugging Face checkpoint."""
+    state = {k.removeprefix("hf_model."): v for k, v in scorer.state_dict().items()}
+    scorer.hf_model.save_pretrained(out_dir, state_dict=state)
+    tok.save_pretrained(out_dir)
+
+
 def test_xlmr_other_head_size_and_save_roundtrip(tiny_dirs, tmp_path):
     saved_emb = load_scorer("xlmr", tiny_dirs["xlmr"], 3)[0].hf_model.get_input_embeddings()
     scorer, tok, _ = load_scorer("xlmr", tiny_dirs["xlmr"], 5)
@@ -207,9 +224,8 @@ def test_xlmr_other_head_size_and_save_roundtrip(tiny_dirs, tmp_path):
     # The encoder still comes from the checkpoint.
     assert torch.equal(scorer.hf_model.get_input_embeddings().weight, saved_emb.weight)
 
-    # save_pretrained -> reload with the same head size restores the head exactly.
-    scorer.save_pretrained(tmp_path / "ckpt")
-    tok.save_pretrained(tmp_path / "ckpt")
+    # export -> reload with the same head size restores the head exactly.
+    _export(scorer, tok, tmp_path / "ckpt")
     again, _, _ = load_scorer("xlmr", tmp_path / "ckpt", 5)
     for (k, a), (_, b) in zip(scorer.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
@@ -219,8 +235,7 @@ def test_mt5_save_roundtrip_keeps_untied_head(tiny_dirs, tmp_path):
     scorer, tok, _ = _load("mt5", tiny_dirs["mt5"])
     with torch.no_grad():
         scorer.hf_model.lm_head.weight[:, 0] += 1.0  # make the saved head distinguishable
-    scorer.save_pretrained(tmp_path / "ckpt")
-    tok.save_pretrained(tmp_path / "ckpt")
+    _export(scorer, tok, tmp_path / "ckpt")
     again, tok2, _ = _load("mt5", tmp_path / "ckpt")
     hf = again.hf_model
     assert hf.lm_head.weight.data_ptr() != hf.shared.weight.data_ptr()
@@ -369,8 +384,7 @@ def test_cloze_save_roundtrip(cloze_dir, tmp_path):
     scorer, tok, _ = _cloze(cloze_dir, [LABEL_WORDS, FR_WORDS], languages=["en", "fr"])
     with torch.no_grad():
         scorer.hf_model.lm_head.dense.weight.mul_(1.5)  # distinguishable from a fresh init
-    scorer.save_pretrained(tmp_path / "ckpt")
-    tok.save_pretrained(tmp_path / "ckpt")
+    _export(scorer, tok, tmp_path / "ckpt")
     again, tok2, warnings = _cloze(tmp_path / "ckpt", [LABEL_WORDS, FR_WORDS])
     assert warnings == []  # the MLM head is in the checkpoint now
     assert isinstance(again, XLMRCloze)

@@ -362,7 +362,6 @@ def test_to_dict_is_json_ready_and_consistent() -> None:
         assert entry["shat_t"] == float(sel.scores[t])
         assert entry["agreement"] == float(sel.agreement[t])
         assert entry["role"] == ("teacher" if lang in sel.teachers else "student")
-    assert sel.teacher_mask.tolist() == [lang in sel.teachers for lang in langs]
 
 
 # ---------------------------------------------------------------- errors

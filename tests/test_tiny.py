@@ -156,6 +156,10 @@ def test_loads_via_auto_classes_mt5(tmp_path):
     assert (cfg.pad_token_id, cfg.eos_token_id, cfg.decoder_start_token_id) == (0, 1, 0)
     assert (cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.num_decoder_layers) == (64, 64, 1, 1)
     assert (cfg.num_heads, cfg.d_kv) == (4, 16)
+    assert (cfg.id2label, cfg.label2id) == (
+        {0: "negative", 1: "positive"},
+        {"negative": 0, "positive": 1},
+    )
     # Label words are single in-vocab tokens.
     for w in ["bad", "good"]:
         ids = tok(w, add_special_tokens=False)["input_ids"]

@@ -59,7 +59,11 @@ from pathlib import Path
 
 import torch
 
-View = str | tuple[str, str]
+#: One example in one language. A str (single-text tasks), a (text_a, text_b) pair (JSONL pair
+#: files, XNLI, PAWS-X, and every view rendered through a prompt) or a tuple of the task's
+#: fields in field order (XCOPA / COPA from the Hub: (premise, question, choice1, choice2),
+#: which a prompt renders to a str or a pair before it is encoded).
+View = str | tuple[str, ...]
 
 MAX_REPORTED = 20
 """How many problems a :class:`DataError` lists (the total count is always reported)."""
@@ -205,6 +209,203 @@ def _check_view(value: object, where: str, problems: list[str]) -> tuple[View | 
     return None, None
 
 
+def _check_load_args(
+    languages: Sequence[str],
+    label_names: Sequence[str],
+    extra_languages: str,
+    max_examples: int | None,
+) -> tuple[list[str], list[str]]:
+    """(languages, label_names) as lists; ValueError for an invalid argument."""
+    languages = _check_names("languages", languages)
+    label_names = _check_names("label_names", label_names)
+    if extra_languages not in ("error", "ignore"):
+        raise ValueError(f"extra_languages must be 'error' or 'ignore', got {extra_languages!r}")
+    if max_examples is not None and (
+        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+    ):
+        raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
+    return languages, label_names
+
+
+def _raw_lines(path: str | os.PathLike) -> list[bytes]:
+    """The file's lines as bytes (no trailing empty line, no byte-order mark)."""
+    name, p = str(path), Path(path)
+    if not p.exists():
+        raise DataError(name, [f"{name}: file not found"])
+    if not p.is_file():
+        raise DataError(name, [f"{name}: not a regular file"])
+    with open(p, "rb") as fh:
+        raw_lines = fh.read().split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    if raw_lines and raw_lines[0].startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+        raw_lines[0] = raw_lines[0][3:]
+    return raw_lines
+
+
+_BLANK = object()
+""":func:`_parse_line`'s answer for a blank line (skipped, not counted as a row)."""
+
+
+def _parse_line(raw: bytes, loc: str, problems: list[str]) -> object:
+    """The row's JSON object; ``_BLANK`` for a blank line; None (problem recorded) for a row
+    that is not valid UTF-8, not JSON or not an object."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(f"{loc}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
+        return None
+    if not line.strip():
+        return _BLANK
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        problems.append(f"{loc}: invalid JSON ({exc.msg} at column {exc.colno})")
+        return None
+    if not isinstance(obj, dict):
+        problems.append(f"{loc}: the row is {_type_name(obj)}, expected a JSON object")
+        return None
+    return obj
+
+
+def _kind_name(kind: str) -> str:
+    return "sentence pair" if kind == "pair" else "string"
+
+
+@dataclass
+class _RowReader:
+    """Validates the rows of one file; remembers what earlier rows fixed (ids, view kind)."""
+
+    languages: list[str]
+    label_names: list[str]
+    require_label: bool
+    extra_languages: str
+    ids_seen: dict[str, int] = field(default_factory=dict)
+    kind_seen: tuple[str, int, str] | None = None  # (kind, line, where) of the first view
+
+    def row(self, obj: dict, lineno: int, loc: str, problems: list[str]) -> ParallelExample | None:
+        """The example of one parsed row, or None with its problems (prefixed with the row)."""
+        row_problems: list[str] = []
+        ex_id = self.read_id(obj, lineno, row_problems)
+        views = self.read_views(obj, lineno, row_problems)
+        label = self.read_label(obj, row_problems)
+        if row_problems:
+            head = f"{loc} (id {ex_id!r})" if ex_id is not None else loc
+            problems.extend(f"{head}: {msg}" for msg in row_problems)
+            return None
+        return ParallelExample(id=ex_id, views=views, label=label)
+
+    def read_id(self, obj: dict, lineno: int, problems: list[str]) -> str | None:
+        """The row's id (default: the line number); None when it is invalid."""
+        ex_id: str | None = str(lineno)
+        if "id" in obj and obj["id"] is not None:
+            raw_id = obj["id"]
+            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+                problems.append(f"id is {_type_name(raw_id)} {_short(raw_id)}, expected a string")
+                return None
+            if isinstance(raw_id, str) and not raw_id.strip():
+                problems.append("id is empty or whitespace-only")
+                return None
+            ex_id = str(raw_id)
+        if ex_id in self.ids_seen:
+            problems.append(
+                f"id {ex_id!r} is a duplicate (first used on line {self.ids_seen[ex_id]})"
+            )
+        else:
+            self.ids_seen[ex_id] = lineno
+        return ex_id
+
+    def read_views(self, obj: dict, lineno: int, problems: list[str]) -> dict[str, View]:
+        """The valid views of the row's ``text`` object, by language."""
+        views: dict[str, View] = {}
+        text = obj.get("text")
+        if "text" not in obj:
+            problems.append("text is missing (expected an object mapping language -> view)")
+            return views
+        if not isinstance(text, dict):
+            problems.append(
+                f"text is {_type_name(text)}, expected an object mapping language -> view"
+            )
+            return views
+        for lang, value in text.items():
+            if lang in self.languages:
+                view = self.read_view(lang, value, lineno, problems)
+                if view is not None:
+                    views[lang] = view
+            elif self.extra_languages == "error":
+                problems.append(
+                    f"text.{lang} is an unknown language (language {lang!r} is not "
+                    f"configured; configured: {', '.join(self.languages)})"
+                )
+        for lang in self.languages:
+            if lang not in text:
+                problems.append(
+                    f"text.{lang} is missing (language {lang!r} is configured but absent "
+                    f"from this row)"
+                )
+        return views
+
+    def read_view(self, lang: str, value: object, lineno: int, problems: list[str]) -> View | None:
+        """One valid view of the file's view kind (the first valid view fixes it), or None."""
+        view, kind = _check_view(value, f"text.{lang}", problems)
+        if view is None:
+            return None
+        if self.kind_seen is None:
+            self.kind_seen = (kind, lineno, f"text.{lang}")
+        elif kind != self.kind_seen[0]:
+            first_kind, first_line, first_where = self.kind_seen
+            problems.append(
+                f"text.{lang} is a {_kind_name(kind)} but {first_where} on line {first_line} "
+                f"is a {_kind_name(first_kind)} (all views of a file must be of the same kind)"
+            )
+            return None
+        return view
+
+    def read_label(self, obj: dict, problems: list[str]) -> int | None:
+        """The label index; None when absent (a problem if required) or invalid."""
+        names = self.label_names
+        raw_label = obj.get("label")
+        if raw_label is None:
+            if self.require_label:
+                problems.append(
+                    f"label is missing (this file must be labeled; labels: {', '.join(names)})"
+                )
+        elif isinstance(raw_label, bool) or not isinstance(raw_label, (int, str)):
+            problems.append(
+                f"label is {_type_name(raw_label)} {_short(raw_label)}, expected an int index "
+                f"or a label name"
+            )
+        elif isinstance(raw_label, int):
+            if 0 <= raw_label < len(names):
+                return raw_label
+            problems.append(
+                f"label {raw_label} is out of range (label must be in 0..{len(names) - 1}"
+                f" or one of the names {', '.join(names)})"
+            )
+        elif raw_label in names:
+            return names.index(raw_label)
+        else:
+            problems.append(
+                f"label {raw_label!r} is not a known label name (labels: {', '.join(names)})"
+            )
+        return None
+
+
+def _all_or_none_labeled(
+    name: str, examples: list[ParallelExample], lines: list[int], problems: list[str]
+) -> None:
+    """A file is fully labeled or fully unlabeled: record the first unlabeled row otherwise."""
+    labeled = [ex.label is not None for ex in examples]
+    if any(labeled) and not all(labeled):
+        missing = [i for i, ok in enumerate(labeled) if not ok]
+        first = missing[0]
+        problems.append(
+            f"{name}:{lines[first]} (id {examples[first].id!r}): label is missing "
+            f"({sum(labeled)} of {len(labeled)} rows have a label; {len(missing)} do not; "
+            f"label every row or none)"
+        )
+
+
 def load_parallel_jsonl(
     path: str | os.PathLike,
     languages: Sequence[str],
@@ -229,172 +430,30 @@ def load_parallel_jsonl(
         DataError: listing up to 20 problems (file, row, id, field, language/label each).
         ValueError: for invalid arguments.
     """
-    languages = _check_names("languages", languages)
-    label_names = _check_names("label_names", label_names)
-    if extra_languages not in ("error", "ignore"):
-        raise ValueError(f"extra_languages must be 'error' or 'ignore', got {extra_languages!r}")
-    if max_examples is not None and (
-        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
-    ):
-        raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
-
+    languages, label_names = _check_load_args(languages, label_names, extra_languages, max_examples)
     name = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise DataError(name, [f"{name}: file not found"])
-    if not p.is_file():
-        raise DataError(name, [f"{name}: not a regular file"])
-
-    lang_set = set(languages)
-    label_index = {n: i for i, n in enumerate(label_names)}
+    raw_lines = _raw_lines(path)
+    reader = _RowReader(languages, label_names, require_label, extra_languages)
     problems: list[str] = []
     examples: list[ParallelExample] = []
-    example_lines: list[int] = []
-    ids_seen: dict[str, int] = {}
-    kind_seen: tuple[str, int, str] | None = None  # (kind, line, where) of the first view
-    n_rows = 0
-
-    with open(p, "rb") as fh:
-        raw_lines = fh.read().split(b"\n")
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()
-    if raw_lines and raw_lines[0].startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-        raw_lines[0] = raw_lines[0][3:]
+    lines: list[int] = []
+    n_rows = 0  # non-blank rows read (blank lines do not count toward max_examples)
     for lineno, raw in enumerate(raw_lines, start=1):
         if max_examples is not None and n_rows >= max_examples:
             break
-        row_problems: list[str] = []
-        loc = f"{name}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            n_rows += 1
-            problems.append(f"{loc}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
-            continue
-        if not line.strip():
+        obj = _parse_line(raw, f"{name}:{lineno}", problems)
+        if obj is _BLANK:
             continue
         n_rows += 1
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{loc}: invalid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(obj, dict):
-            problems.append(f"{loc}: the row is {_type_name(obj)}, expected a JSON object")
-            continue
-
-        # id
-        ex_id: str | None = str(lineno)
-        if "id" in obj and obj["id"] is not None:
-            raw_id = obj["id"]
-            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-                row_problems.append(
-                    f"id is {_type_name(raw_id)} {_short(raw_id)}, expected a string"
-                )
-                ex_id = None
-            elif isinstance(raw_id, str) and not raw_id.strip():
-                row_problems.append("id is empty or whitespace-only")
-                ex_id = None
-            else:
-                ex_id = str(raw_id)
-        head = f"{loc} (id {ex_id!r})" if ex_id is not None else loc
-        if ex_id is not None:
-            if ex_id in ids_seen:
-                row_problems.append(
-                    f"id {ex_id!r} is a duplicate (first used on line {ids_seen[ex_id]})"
-                )
-            else:
-                ids_seen[ex_id] = lineno
-
-        # text
-        views: dict[str, View] = {}
-        text = obj.get("text")
-        if "text" not in obj:
-            row_problems.append("text is missing (expected an object mapping language -> view)")
-        elif not isinstance(text, dict):
-            row_problems.append(
-                f"text is {_type_name(text)}, expected an object mapping language -> view"
-            )
-        else:
-            for lang, value in text.items():
-                if lang not in lang_set:
-                    if extra_languages == "error":
-                        row_problems.append(
-                            f"text.{lang} is an unknown language (language {lang!r} is not "
-                            f"configured; configured: {', '.join(languages)})"
-                        )
-                    continue
-                view, kind = _check_view(value, f"text.{lang}", row_problems)
-                if view is None:
-                    continue
-                if kind_seen is None:
-                    kind_seen = (kind, lineno, f"text.{lang}")
-                elif kind != kind_seen[0]:
-                    row_problems.append(
-                        f"text.{lang} is a {'sentence pair' if kind == 'pair' else 'string'} "
-                        f"but {kind_seen[2]} on line {kind_seen[1]} is a "
-                        f"{'sentence pair' if kind_seen[0] == 'pair' else 'string'} (all views "
-                        f"of a file must be of the same kind)"
-                    )
-                    continue
-                views[lang] = view
-            for lang in languages:
-                if lang not in text:
-                    row_problems.append(
-                        f"text.{lang} is missing (language {lang!r} is configured but absent "
-                        f"from this row)"
-                    )
-
-        # label
-        label: int | None = None
-        raw_label = obj.get("label")
-        if raw_label is None:
-            if require_label:
-                row_problems.append(
-                    "label is missing (this file must be labeled; labels: "
-                    f"{', '.join(label_names)})"
-                )
-        elif isinstance(raw_label, bool) or not isinstance(raw_label, (int, str)):
-            row_problems.append(
-                f"label is {_type_name(raw_label)} {_short(raw_label)}, expected an int index "
-                f"or a label name"
-            )
-        elif isinstance(raw_label, int):
-            if 0 <= raw_label < len(label_names):
-                label = raw_label
-            else:
-                row_problems.append(
-                    f"label {raw_label} is out of range (label must be in 0..{len(label_names) - 1}"
-                    f" or one of the names {', '.join(label_names)})"
-                )
-        elif raw_label in label_index:
-            label = label_index[raw_label]
-        else:
-            row_problems.append(
-                f"label {raw_label!r} is not a known label name (labels: {', '.join(label_names)})"
-            )
-
-        if row_problems:
-            problems.extend(f"{head}: {msg}" for msg in row_problems)
-            continue
-        examples.append(ParallelExample(id=ex_id, views=views, label=label))
-        example_lines.append(lineno)
-
+        example = None if obj is None else reader.row(obj, lineno, f"{name}:{lineno}", problems)
+        if example is not None:
+            examples.append(example)
+            lines.append(lineno)
     if n_rows == 0:
         what = "the file is empty" if not raw_lines else "the file has only blank lines"
         raise DataError(name, [f"{name}: no examples ({what})"])
-
     if not problems and not require_label:
-        labeled = [ex.label is not None for ex in examples]
-        if any(labeled) and not all(labeled):
-            missing = [i for i, ok in enumerate(labeled) if not ok]
-            first = missing[0]
-            problems.append(
-                f"{name}:{example_lines[first]} (id {examples[first].id!r}): label is missing "
-                f"({sum(labeled)} of {len(labeled)} rows have a label; {len(missing)} do not; "
-                f"label every row or none)"
-            )
-
+        _all_or_none_labeled(name, examples, lines, problems)
     if problems:
         raise DataError(name, problems[:MAX_REPORTED], total=len(problems))
     return ParallelCorpus(

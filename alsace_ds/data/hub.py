@@ -333,6 +333,203 @@ class _Row:
     agree: tuple
 
 
+@dataclass
+class _Checks:
+    """The split being built and the schema problems found so far (raised together)."""
+
+    spec: HubTaskSpec
+    split: str
+    problems: list[str] = field(default_factory=list)
+
+    def where(self, lang: str, r: int, key: object = None) -> str:
+        w = f"{self.spec.name} {self.split} [{lang}] row {r}"
+        return w if self.spec.id_column is None else f"{w} ({self.spec.id_column} {key!r})"
+
+
+def _row_key(chk: _Checks, lang: str, cols: dict[str, list], r: int, first_row: dict) -> str | None:
+    """Row r's join key (its position for XNLI, else its id); None for an invalid id or a
+    duplicate (problem recorded). ``first_row`` maps the keys seen so far to their row."""
+    id_col = chk.spec.id_column
+    if id_col is None:
+        return str(r)
+    raw = cols[id_col][r]
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)) or raw == "":
+        chk.problems.append(f"{chk.where(lang, r, raw)}: {id_col} must be an int")
+        return None
+    key = str(raw)
+    if key in first_row:
+        chk.problems.append(
+            f"{chk.where(lang, r, raw)}: duplicate {id_col} (also on row {first_row[key]})"
+        )
+        return None
+    first_row[key] = r
+    return key
+
+
+def _label_ok(chk: _Checks, at: str, label: object) -> bool:
+    """Whether ``label`` is an int in -1..C-1 (-1: missing); records the problem if not."""
+    n_labels = len(chk.spec.label_names)
+    if isinstance(label, bool) or not isinstance(label, int):
+        chk.problems.append(f"{at}: label is {type(label).__name__} {label!r}, expected an int")
+        return False
+    if not -1 <= label < n_labels:
+        chk.problems.append(
+            f"{at}: label {label} is out of range (0..{n_labels - 1} "
+            f"for {_fmt(chk.spec.label_names)}, or -1 for missing)"
+        )
+        return False
+    return True
+
+
+def _texts(chk: _Checks, at: str, cols: dict[str, list], r: int) -> tuple[list, bool, bool]:
+    """(view texts, whether one is a placeholder, whether one has the wrong type)."""
+    view, placeholder, bad = [], False, False
+    for c in chk.spec.text_columns:
+        text = cols[c][r]
+        if text is not None and not isinstance(text, str):
+            chk.problems.append(f"{at}: {c} is {type(text).__name__}, expected a string")
+            bad = True
+        elif text is None or not text.strip() or text.strip() in chk.spec.placeholders:
+            placeholder = True
+        view.append(text)
+    return view, placeholder, bad
+
+
+def _check_row(
+    chk: _Checks, lang: str, cols: dict[str, list], r: int, key: str, require_label: bool
+) -> tuple[_Row | None, str | None]:
+    """(the row, None) if kept, (None, drop reason) if dropped, (None, None) if invalid."""
+    spec, at = chk.spec, chk.where(lang, r, key)
+    label = cols[spec.label_column][r]
+    bad = not _label_ok(chk, at, label)
+    view, placeholder, bad_text = _texts(chk, at, cols, r)
+    agree = tuple(cols[c][r] for c in spec.agree_columns)
+    if spec.question_values and cols["question"][r] not in spec.question_values:
+        chk.problems.append(
+            f"{at}: question is {cols['question'][r]!r}, expected one "
+            f"of {_fmt(spec.question_values)}"
+        )
+        bad = True
+    if bad or bad_text:
+        return None, None
+    if label == -1 and require_label:
+        return None, LABEL_MISSING
+    if placeholder:
+        return None, PLACEHOLDER
+    return _Row(r, tuple(view), None if label == -1 else label, agree), None
+
+
+def _language_rows(
+    chk: _Checks, lang: str, cols: dict[str, list], require_label: bool, dropped: Counter
+) -> tuple[dict[str, _Row], list[str]]:
+    """(kept rows by key, every valid key in row order) of one language; drops counted."""
+    valid: dict[str, _Row] = {}
+    order: list[str] = []
+    first_row: dict[str, int] = {}
+    for r in range(len(cols[chk.spec.label_column])):
+        key = _row_key(chk, lang, cols, r, first_row)
+        if key is None:
+            continue
+        order.append(key)
+        row, reason = _check_row(chk, lang, cols, r, key, require_label)
+        if reason is not None:
+            dropped[reason] += 1
+        elif row is not None:
+            valid[key] = row
+    return valid, order
+
+
+def _check_lengths(chk: _Checks, rows_of: dict[str, int]) -> None:
+    """XNLI is parallel by row position, so every language needs the same number of rows.
+    The reference is the most common length (ties: the earliest language)."""
+    if chk.spec.id_column is not None or len(set(rows_of.values())) <= 1:
+        return
+    task, split, langs = chk.spec.name, chk.split, list(rows_of)
+    counts = Counter(rows_of.values())
+    ref = next(x for x in langs if counts[rows_of[x]] == max(counts.values()))
+    ref_n = rows_of[ref]
+    for lang in langs:
+        n = rows_of[lang]
+        if n < ref_n:
+            chk.problems.append(
+                f"{task} {split} [{lang}] row {n}: absent ('{lang}' has {n} rows, "
+                f"'{ref}' has {ref_n}; {task} languages are parallel by row position)"
+            )
+        elif n > ref_n:
+            chk.problems.append(
+                f"{task} {split} [{lang}] row {ref_n}: no counterpart in '{ref}' ('{lang}' "
+                f"has {n} rows, '{ref}' has {ref_n}; {task} languages are parallel by row "
+                f"position)"
+            )
+
+
+def _join(
+    langs: list[str],
+    order: dict[str, list[str]],
+    valid: dict[str, dict[str, _Row]],
+    dropped: dict[str, Counter],
+) -> list[str]:
+    """The keys kept in every language, in the first language's row order; the others are
+    counted as dropped (reason ``ABSENT``) in the languages that kept them."""
+    first = langs[0]
+    joined = [k for k in order[first] if k in valid[first] and all(k in valid[x] for x in langs)]
+    joined_set = set(joined)
+    for lang in langs:
+        absent = sum(1 for k in valid[lang] if k not in joined_set)
+        if absent:
+            dropped[lang][ABSENT] += absent
+    return joined
+
+
+def _at(id_col: str | None, row: _Row) -> str:
+    return "" if id_col is None else f" (row {row.row})"
+
+
+def _example(chk: _Checks, key: str, rows: dict[str, _Row]) -> ParallelExample:
+    """The parallel example of one joined key (``rows``: language -> its row); labels and
+    the agree columns must match across languages (problems recorded)."""
+    spec, id_col, split = chk.spec, chk.spec.id_column, chk.split
+    ref_lang, ref_label, ref_agree = None, None, None
+    for lang, row in rows.items():
+        what = f"row {row.row}" if id_col is None else f"{id_col} {key!r}"
+        at = _at(id_col, row)
+        if row.label is not None:
+            if ref_label is None:
+                ref_lang, ref_label = lang, row.label
+            elif row.label != ref_label:
+                chk.problems.append(
+                    f"{spec.name} {split} {what}: label {row.label} in '{lang}'{at} but "
+                    f"{ref_label} in '{ref_lang}'{_at(id_col, rows[ref_lang])}; "
+                    f"labels must agree across languages"
+                )
+        if ref_agree is None:
+            ref_agree = (lang, row.agree)
+        elif row.agree != ref_agree[1]:
+            for c, a, b in zip(spec.agree_columns, row.agree, ref_agree[1], strict=True):
+                if a != b:
+                    chk.problems.append(
+                        f"{spec.name} {split} {what}: {c} {a!r} in '{lang}'{at} but {b!r} in "
+                        f"'{ref_agree[0]}'{_at(id_col, rows[ref_agree[0]])}; "
+                        f"{c} must agree across languages"
+                    )
+    ex_id = f"{split}-{key}" if id_col is None else key
+    return ParallelExample(id=ex_id, views={x: r.view for x, r in rows.items()}, label=ref_label)
+
+
+def _unlabeled_note(examples: list[ParallelExample]) -> list[str]:
+    """With labels optional: a corpus is fully labeled or fully unlabeled, so one example
+    without a label in any language makes the whole corpus unlabeled (in place)."""
+    unlabeled = sum(1 for ex in examples if ex.label is None)
+    if not unlabeled:
+        return []
+    for ex in examples:
+        ex.label = None
+    return [
+        f"{unlabeled} kept example(s) have label -1 in every language, so the corpus "
+        f"is returned unlabeled (a corpus is fully labeled or fully unlabeled)"
+    ]
+
+
 def _build(
     spec: HubTaskSpec,
     split: str,
@@ -343,165 +540,27 @@ def _build(
     max_examples: int | None,
 ) -> tuple[ParallelCorpus, LoadReport]:
     """Validate, drop, join and truncate; ``tables`` maps language -> column -> values."""
-    task = spec.name
-    langs = list(tables)
-    n_labels = len(spec.label_names)
-    id_col = spec.id_column
-    problems: list[str] = []
+    chk, langs = _Checks(spec, split), list(tables)
     rows_of = {lang: len(tables[lang][spec.label_column]) for lang in langs}
-
-    def where(lang: str, r: int, key=None) -> str:
-        w = f"{task} {split} [{lang}] row {r}"
-        return w if id_col is None else f"{w} ({id_col} {key!r})"
-
-    # Per language: validate each row, drop with a reason, keep the rest by key.
+    dropped: dict[str, Counter] = {lang: Counter() for lang in langs}
     valid: dict[str, dict[str, _Row]] = {}
     order: dict[str, list[str]] = {}
-    dropped: dict[str, Counter] = {lang: Counter() for lang in langs}
     for lang in langs:
-        cols = tables[lang]
-        valid[lang], order[lang] = {}, []
-        first_row: dict[str, int] = {}
-        for r in range(rows_of[lang]):
-            # key
-            if id_col is None:
-                key = str(r)
-            else:
-                raw = cols[id_col][r]
-                if isinstance(raw, bool) or not isinstance(raw, (int, str)) or raw == "":
-                    problems.append(f"{where(lang, r, raw)}: {id_col} must be an int")
-                    continue
-                key = str(raw)
-                if key in first_row:
-                    problems.append(
-                        f"{where(lang, r, raw)}: duplicate {id_col} (also on row {first_row[key]})"
-                    )
-                    continue
-                first_row[key] = r
-            order[lang].append(key)
-            bad = False
-            # label
-            label = cols[spec.label_column][r]
-            if isinstance(label, bool) or not isinstance(label, int):
-                problems.append(
-                    f"{where(lang, r, key)}: label is {type(label).__name__} {label!r}, "
-                    f"expected an int"
-                )
-                bad = True
-            elif not -1 <= label < n_labels:
-                problems.append(
-                    f"{where(lang, r, key)}: label {label} is out of range (0..{n_labels - 1} "
-                    f"for {_fmt(spec.label_names)}, or -1 for missing)"
-                )
-                bad = True
-            # texts
-            view = []
-            placeholder = False
-            for c in spec.text_columns:
-                text = cols[c][r]
-                if text is not None and not isinstance(text, str):
-                    problems.append(
-                        f"{where(lang, r, key)}: {c} is {type(text).__name__}, expected a string"
-                    )
-                    bad = True
-                elif text is None or not text.strip() or text.strip() in spec.placeholders:
-                    placeholder = True
-                view.append(text)
-            agree = tuple(cols[c][r] for c in spec.agree_columns)
-            if spec.question_values and cols["question"][r] not in spec.question_values:
-                problems.append(
-                    f"{where(lang, r, key)}: question is {cols['question'][r]!r}, expected one "
-                    f"of {_fmt(spec.question_values)}"
-                )
-                bad = True
-            if bad:
-                continue
-            if label == -1 and require_label:
-                dropped[lang][LABEL_MISSING] += 1
-            elif placeholder:
-                dropped[lang][PLACEHOLDER] += 1
-            else:
-                valid[lang][key] = _Row(r, tuple(view), None if label == -1 else label, agree)
-
-    # XNLI: parallel by position, so the lengths must match.
-    if id_col is None and len(set(rows_of.values())) > 1:
-        # The reference is the most common length (ties: the earliest language).
-        counts = Counter(rows_of.values())
-        ref = next(x for x in langs if counts[rows_of[x]] == max(counts.values()))
-        ref_n = rows_of[ref]
-        for lang in langs:
-            n = rows_of[lang]
-            if n < ref_n:
-                problems.append(
-                    f"{task} {split} [{lang}] row {n}: absent ('{lang}' has {n} rows, "
-                    f"'{ref}' has {ref_n}; {task} languages are parallel by row position)"
-                )
-            elif n > ref_n:
-                problems.append(
-                    f"{task} {split} [{lang}] row {ref_n}: no counterpart in '{ref}' ('{lang}' "
-                    f"has {n} rows, '{ref}' has {ref_n}; {task} languages are parallel by row "
-                    f"position)"
-                )
-
-    # Join: keys kept in every language, in the first language's row order.
-    first = langs[0]
-    joined = [k for k in order[first] if k in valid[first] and all(k in valid[x] for x in langs)]
-    joined_set = set(joined)
-    for lang in langs:
-        absent = sum(1 for k in valid[lang] if k not in joined_set)
-        if absent:
-            dropped[lang][ABSENT] += absent
-
-    # Agreement across languages on the kept examples.
-    examples: list[ParallelExample] = []
-    for key in joined:
-        ref_lang, ref_label, ref_agree = None, None, None
-        for lang in langs:
-            row = valid[lang][key]
-            what = f"row {row.row}" if id_col is None else f"{id_col} {key!r}"
-            at = _at(id_col, row)
-            if row.label is not None:
-                if ref_label is None:
-                    ref_lang, ref_label = lang, row.label
-                elif row.label != ref_label:
-                    problems.append(
-                        f"{task} {split} {what}: label {row.label} in '{lang}'{at} but "
-                        f"{ref_label} in '{ref_lang}'{_at(id_col, valid[ref_lang][key])}; "
-                        f"labels must agree across languages"
-                    )
-            if ref_agree is None:
-                ref_agree = (lang, row.agree)
-            elif row.agree != ref_agree[1]:
-                for c, a, b in zip(spec.agree_columns, row.agree, ref_agree[1], strict=True):
-                    if a != b:
-                        problems.append(
-                            f"{task} {split} {what}: {c} {a!r} in '{lang}'{at} but {b!r} in "
-                            f"'{ref_agree[0]}'{_at(id_col, valid[ref_agree[0]][key])}; "
-                            f"{c} must agree across languages"
-                        )
-        ex_id = f"{split}-{key}" if id_col is None else key
-        views = {lang: valid[lang][key].view for lang in langs}
-        examples.append(ParallelExample(id=ex_id, views=views, label=ref_label))
-
-    if problems:
-        raise DataError(path, problems[:MAX_REPORTED], total=len(problems))
-
-    notes: list[str] = []
-    if not require_label:
-        unlabeled = sum(1 for ex in examples if ex.label is None)
-        if unlabeled:
-            for ex in examples:
-                ex.label = None
-            notes.append(
-                f"{unlabeled} kept example(s) have label -1 in every language, so the corpus "
-                f"is returned unlabeled (a corpus is fully labeled or fully unlabeled)"
-            )
+        valid[lang], order[lang] = _language_rows(
+            chk, lang, tables[lang], require_label, dropped[lang]
+        )
+    _check_lengths(chk, rows_of)
+    joined = _join(langs, order, valid, dropped)
+    examples = [_example(chk, k, {x: valid[x][k] for x in langs}) for k in joined]
+    if chk.problems:
+        raise DataError(path, chk.problems[:MAX_REPORTED], total=len(chk.problems))
+    notes = [] if require_label else _unlabeled_note(examples)
     truncated = 0
     if max_examples is not None and len(examples) > max_examples:
         truncated = len(examples) - max_examples
         examples = examples[:max_examples]
     report = LoadReport(
-        task=task,
+        task=spec.name,
         split=split,
         kept=len(examples),
         dropped={lang: {r: n for r in REASONS if (n := dropped[lang][r])} for lang in langs},
@@ -510,17 +569,12 @@ def _build(
         notes=notes,
     )
     if not examples:
-        raise DataError(
-            path, [f"{task} {split}: no examples left after dropping rows"] + report.lines()[1:]
-        )
+        head = f"{spec.name} {split}: no examples left after dropping rows"
+        raise DataError(path, [head] + report.lines()[1:])
     corpus = ParallelCorpus(
         path=path, languages=langs, label_names=list(spec.label_names), examples=examples
     )
     return corpus, report
-
-
-def _at(id_col: str | None, row: _Row) -> str:
-    return "" if id_col is None else f" (row {row.row})"
 
 
 def load_task_split(

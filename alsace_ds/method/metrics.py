@@ -7,42 +7,77 @@ Definitions (paper Tables 2-4): accuracy in percent; the transfer gap of languag
 ``Delta_t = acc_en - acc_t``; a group's average gap is taken over its non-English
 languages only (English has gap 0 by definition). Accuracy is always reported beside the
 gap: a smaller gap bought with lower accuracy (e.g. a collapse to one label) is a failure.
+
+A collapse is measured by ``mean_prediction_entropy_bits``: the entropy of each language's
+MEAN predicted distribution (the collapse guard's quantity, :mod:`alsace_ds.method.guard`).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
+def per_language_sum(values: Tensor, lang_idx: Tensor, num_languages: int) -> Tensor:
+    """Sum the rows of ``values`` ``[V, K]`` per language: ``[T, K]`` float64 on
+    ``values.device``; row t adds the views whose ``lang_idx`` ``[V]`` is t.
+
+    Sums (never means): ranks that hold different views all-reduce them before dividing.
+    float64 keeps counts exact up to 2**53.
+    """
+    if values.dim() != 2:
+        raise ValueError(f"values must have shape [V, K], got {list(values.shape)}")
+    out = torch.zeros(num_languages, values.shape[1], dtype=torch.float64, device=values.device)
+    return out.index_add_(0, lang_idx.long().to(values.device), values.to(torch.float64))
+
+
 def accuracy_counts(
-    preds: Tensor, labels: Tensor, lang_idx: Tensor, num_languages: int, num_classes: int
+    probs: Tensor, labels: Tensor, lang_idx: Tensor, num_languages: int
 ) -> dict[str, Tensor]:
     """Per-language sums for the local views.
 
-    preds, labels, lang_idx: ``[V]`` long. Returns float64 tensors: ``correct`` ``[T]``,
-    ``count`` ``[T]`` and ``pred_hist`` ``[T, C]`` (how often each label was predicted,
-    which shows a collapse toward one label).
+    probs ``[V, C]`` (label distributions); labels, lang_idx ``[V]`` long. The prediction is
+    ``probs.argmax(-1)``. Returns float64 sums: ``correct`` ``[T]``, ``count`` ``[T]``,
+    ``pred_hist`` ``[T, C]`` (how often each label was predicted) and ``prob_sum`` ``[T, C]``
+    (the summed distributions: divided by ``count`` it is the mean prediction, whose entropy
+    shows a collapse toward one label).
     """
-    correct = torch.zeros(num_languages, dtype=torch.float64)
-    count = torch.zeros(num_languages, dtype=torch.float64)
-    correct.index_add_(0, lang_idx, (preds == labels).to(torch.float64))
-    count.index_add_(0, lang_idx, torch.ones_like(lang_idx, dtype=torch.float64))
-    hist = torch.zeros(num_languages * num_classes, dtype=torch.float64)
-    hist.index_add_(0, lang_idx * num_classes + preds, torch.ones_like(preds, dtype=torch.float64))
-    return {"correct": correct, "count": count, "pred_hist": hist.view(num_languages, num_classes)}
+    num_classes = probs.shape[-1]
+    preds = probs.argmax(-1)  # [V]
+    columns = torch.cat(
+        [
+            (preds == labels).to(torch.float64)[:, None],  # [V, 1] correct
+            torch.ones(len(preds), 1, dtype=torch.float64, device=probs.device),  # [V, 1]
+            torch.nn.functional.one_hot(preds, num_classes).to(torch.float64),  # [V, C]
+            probs.to(torch.float64),  # [V, C]
+        ],
+        dim=1,
+    )  # [V, 2 + 2C]
+    sums = per_language_sum(columns, lang_idx, num_languages)  # [T, 2 + 2C]
+    return {
+        "correct": sums[:, 0].contiguous(),
+        "count": sums[:, 1].contiguous(),
+        "pred_hist": sums[:, 2 : 2 + num_classes].contiguous(),
+        "prob_sum": sums[:, 2 + num_classes :].contiguous(),
+    }
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def entropy_bits(dist: list[float]) -> float:
-    """Entropy (bits) of a label histogram; log2(C) = uniform, 0 = every prediction the same."""
-    total = sum(dist)
-    return -sum((p / total) * math.log2(p / total) for p in dist if p > 0) if total else 0.0
+def entropy_bits(weights: Tensor | Sequence[float]) -> float:
+    """Entropy (bits) of the distribution proportional to ``weights`` ``[C]`` (a label
+    histogram, a summed or a mean distribution): log2(C) = uniform, 0 = one label (also
+    when every weight is 0)."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    total = w.sum()
+    if total <= 0:
+        return 0.0
+    p = w[w > 0] / total
+    return max(0.0, float(-(p * p.log2()).sum()))  # max: no "-0.00" in messages
 
 
 def summarize(
@@ -53,9 +88,16 @@ def summarize(
     teachers: list[str],
     students: list[str],
     pred_hist: Tensor | None = None,
+    prob_sum: Tensor | None = None,
 ) -> dict:
     """Accuracy (%), gap to English and averages over all / teachers / students.
-    ``english=None`` (a task without an English view, e.g. XCOPA): gaps are None."""
+    ``english=None`` (a task without an English view, e.g. XCOPA): gaps are None.
+
+    With ``prob_sum`` ``[T, C]``: ``mean_prediction_entropy_bits`` per language (entropy of
+    the mean predicted distribution, what :func:`alsace_ds.method.guard.collapse_warnings`
+    compares). With ``pred_hist`` ``[T, C]``: ``prediction_entropy_bits`` (entropy of the
+    argmax histogram; for reading only).
+    """
     acc = {lang: 100.0 * float(correct[i] / count[i]) for i, lang in enumerate(languages)}
     gap = {lang: None if english is None else acc[english] - acc[lang] for lang in languages}
     out: dict = {"accuracy": acc, "gap": gap, "num_examples": int(count.max().item())}
@@ -70,7 +112,11 @@ def summarize(
     }
     if pred_hist is not None:
         out["prediction_entropy_bits"] = {
-            lang: entropy_bits(pred_hist[i].tolist()) for i, lang in enumerate(languages)
+            lang: entropy_bits(pred_hist[i]) for i, lang in enumerate(languages)
+        }
+    if prob_sum is not None:
+        out["mean_prediction_entropy_bits"] = {
+            lang: entropy_bits(prob_sum[i]) for i, lang in enumerate(languages)
         }
     return out
 

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alsace_ds.method.metrics import per_language_sum
+
 Reduce = Callable[[Tensor], Tensor]
 
 #: Relative tolerance of the teacher test ``shat >= theta * (1 - TEACHER_RTOL)``.
@@ -53,12 +55,6 @@ class Selection:
     students: list[str]  # in input order
     agreement: Tensor  # [T] float64, fraction of views whose prediction equals the pseudo-label
     num_examples: int
-
-    @property
-    def teacher_mask(self) -> Tensor:
-        """``[T]`` bool, True for teachers (convenient for indexing ``scores`` etc.)."""
-        teachers = set(self.teachers)
-        return torch.tensor([lang in teachers for lang in self.languages], dtype=torch.bool)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (plain Python floats/strings); pseudo-labels are left out."""
@@ -202,10 +198,8 @@ def confidence_stats(
     labels = pseudo_labels[example_idx.long()]  # [V]
     p_label = probs.double().gather(1, labels.unsqueeze(1)).squeeze(1)  # [V]
     agree = (predictions == labels).double()  # [V]
-    rows = torch.stack([p_label, agree, torch.ones_like(p_label)])  # [3, V]
-    stats = torch.zeros(3, num_languages, dtype=torch.float64, device=probs.device)
-    stats.index_add_(1, lang_idx.long(), rows)
-    return stats
+    columns = torch.stack([p_label, agree, torch.ones_like(p_label)], dim=1)  # [V, 3]
+    return per_language_sum(columns, lang_idx, num_languages).T.contiguous()  # [3, T]
 
 
 def confidence_from_stats(stats: Tensor, languages: Sequence[str]) -> tuple[Tensor, Tensor]:

@@ -36,9 +36,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from alsace_ds.data.corpus import View
 from alsace_ds.models.families import FAMILIES, HEADS
-
-View = str | tuple[str, str] | list[str]
 
 LabelIds = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -50,7 +49,9 @@ class LabelScorer(nn.Module):
     ``hf_model`` is the wrapped transformers model (its parameters are the scorer's
     parameters, so DeepSpeed / optimizers see them through ``scorer.parameters()``).
     Logits are returned in float32 whatever the model dtype, so softmax / KL in the losses are
-    computed in full precision.
+    computed in full precision. A scorer is saved as the plain Hugging Face folder of
+    ``hf_model`` (``engine.trainer.export_hf``); label-word tables are derived from the
+    tokenizer and the verbalizers at load time, never saved.
     """
 
     family: str = ""
@@ -76,15 +77,6 @@ class LabelScorer(nn.Module):
         lang_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
-
-    def save_pretrained(self, out_dir: str | os.PathLike, **kwargs) -> None:
-        """Save the HF model (config + weights) to ``out_dir``.
-
-        Extra kwargs go to ``PreTrainedModel.save_pretrained`` (e.g. a ``state_dict`` gathered
-        from ZeRO-3 partitions). Atomicity and rank selection are the caller's job. The label
-        word table is not saved: it is derived from the tokenizer and the verbalizers.
-        """
-        self.hf_model.save_pretrained(out_dir, **kwargs)
 
 
 class XLMRClassifier(LabelScorer):
@@ -442,6 +434,106 @@ def resolve_head(family: str, head: str | None) -> str:
     return head
 
 
+def _check_scorer_args(
+    family: str,
+    head: str | None,
+    num_labels: int,
+    dropout: float | None,
+    label_words: Sequence[str] | Sequence[Sequence[str]] | None,
+    languages: Sequence[str] | None,
+) -> tuple[str, list[str]]:
+    """(head, warnings); every argument error is raised here, before anything is loaded."""
+    head = resolve_head(family, head)
+    if not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if head not in ("cloze", "label_words"):
+        if label_words is None:
+            return head, []
+        return head, [f"label_words are ignored for family {family!r} ({head} head)"]
+    if label_words is None:
+        raise ValueError(
+            f"family {family!r} with head {head!r} needs label_words (one label word per "
+            "class, shared or per language)"
+        )
+    _label_word_rows(label_words, num_labels, languages)  # shape errors before any loading
+    return head, []
+
+
+def _load_config(name_or_path: str, family: str, dropout: float | None) -> AutoConfig:
+    """The checkpoint's config with the dropout override (xlmr: hidden + attention; mt5:
+    ``dropout_rate``)."""
+    overrides: dict = {}
+    if dropout is not None:
+        if family == "xlmr":
+            overrides["hidden_dropout_prob"] = dropout
+            overrides["attention_probs_dropout_prob"] = dropout
+        else:
+            overrides["dropout_rate"] = dropout
+    return AutoConfig.from_pretrained(name_or_path, **overrides)
+
+
+def _xlmr_classifier(
+    name_or_path: str, config: AutoConfig, num_labels: int, dtype: torch.dtype
+) -> XLMRClassifier:
+    if config.num_labels != num_labels:
+        # The setter resets id2label/label2id to LABEL_i when the size changes (a
+        # checkpoint whose id2label has the right size keeps its names).
+        config.num_labels = num_labels
+    hf_model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, config=config, dtype=dtype, ignore_mismatched_sizes=True
+    )
+    return XLMRClassifier(hf_model)
+
+
+def _xlmr_cloze(
+    name_or_path: str,
+    config: AutoConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    table: list[list[int]],
+    dtype: torch.dtype,
+    warnings: list[str],
+) -> XLMRCloze:
+    """The MLM checkpoint read at the mask; warns when its MLM head is freshly initialised."""
+    if tokenizer.mask_token_id is None:
+        raise ValueError(
+            f"head 'cloze' needs a tokenizer with a mask token; {name_or_path!r} has none"
+        )
+    hf_model, info = AutoModelForMaskedLM.from_pretrained(
+        name_or_path, config=config, dtype=dtype, output_loading_info=True
+    )
+    encoder = f"{hf_model.base_model_prefix}."
+    fresh = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(encoder))
+    if fresh:
+        warnings.append(
+            f"{name_or_path} has no masked-LM head ({', '.join(fresh)} missing): it was "
+            "freshly initialised, so cloze scores mean nothing until it is trained"
+        )
+    return XLMRCloze(hf_model, table, tokenizer.mask_token_id)
+
+
+def _build_scorer(
+    family: str,
+    head: str,
+    name_or_path: str,
+    config: AutoConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    num_labels: int,
+    table: list[list[int]],
+    dtype: torch.dtype,
+    warnings: list[str],
+) -> LabelScorer:
+    if family != "xlmr":
+        hf_model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, config=config, dtype=dtype)
+        return MT5LabelWords(hf_model, table)
+    if config.model_type not in ("xlm-roberta", "xlm-roberta-xl", "roberta"):
+        warnings.append(f"family 'xlmr' loading a {config.model_type!r} checkpoint")
+    if head == "classification":
+        return _xlmr_classifier(name_or_path, config, num_labels, dtype)
+    return _xlmr_cloze(name_or_path, config, tokenizer, table, dtype, warnings)
+
+
 def load_scorer(
     family: str,
     name_or_path: str | os.PathLike,
@@ -455,60 +547,32 @@ def load_scorer(
 ) -> tuple[LabelScorer, PreTrainedTokenizerBase, list[str]]:
     """Load tokenizer + model and wrap them as a ``LabelScorer``.
 
-    Returns ``(scorer, tokenizer, warnings)``. Same path for local folders and Hub names; a
-    local folder never touches the network.
+    Returns ``(scorer, tokenizer, warnings)``, the scorer in eval mode. Same path for local
+    folders and Hub names; a local folder never touches the network.
 
     Args:
         family: ``"xlmr"`` or ``"mt5"``.
         head: xlmr: ``"classification"`` (default) | ``"cloze"``; mt5: ``"label_words"``
             (default). ``None`` = the family's default.
-        label_words: needed by ``cloze`` and ``label_words``: either C words shared by every
+        label_words: needed by ``cloze`` and ``label_words``: C words shared by every
             language, or T lists of C words, one per language in the task's language order
-            (``lang_ids`` of ``forward`` index these rows). A word that splits into several
-            pieces is read at its first piece (with a warning); unknown / special words and
-            two labels of one language sharing a first token are errors.
+            (``lang_ids`` of ``forward`` index these rows); see :func:`label_word_table`.
         languages: the T language codes of per-language ``label_words``, only used to name
             the language in messages (and to check the row count).
         dropout: overrides the config's dropout (xlmr: hidden + attention dropout; mt5:
             ``dropout_rate``).
 
-    For xlmr ``classification``, a checkpoint whose classification head has another size (or
-    none, e.g. the MLM checkpoint) loads with a freshly initialised C-way head. For xlmr
-    ``cloze``, the checkpoint loads as ``AutoModelForMaskedLM``; one without an MLM head
-    (e.g. a sequence-classification checkpoint) gets a freshly initialised one, with a
-    warning. The scorer is returned in eval mode.
+    xlmr ``classification``: a checkpoint whose classification head has another size (or
+    none, e.g. the MLM checkpoint) gets a freshly initialised C-way head. xlmr ``cloze``: the
+    checkpoint loads as ``AutoModelForMaskedLM``; one without an MLM head gets a freshly
+    initialised one, with a warning.
     """
-    head = resolve_head(family, head)
-    if not isinstance(num_labels, int) or num_labels < 1:
-        raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
-    if dropout is not None and not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    warnings: list[str] = []
-    reads_words = head in ("cloze", "label_words")
-    if reads_words:
-        if label_words is None:
-            raise ValueError(
-                f"family {family!r} with head {head!r} needs label_words (one label word per "
-                "class, shared or per language)"
-            )
-        _label_word_rows(label_words, num_labels, languages)  # shape errors before any loading
-    elif label_words is not None:
-        warnings.append(f"label_words are ignored for family {family!r} ({head} head)")
-
+    head, warnings = _check_scorer_args(family, head, num_labels, dropout, label_words, languages)
     name_or_path = os.fspath(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-
-    overrides: dict = {}
-    if dropout is not None:
-        if family == "xlmr":
-            overrides["hidden_dropout_prob"] = dropout
-            overrides["attention_probs_dropout_prob"] = dropout
-        else:
-            overrides["dropout_rate"] = dropout
-    config = AutoConfig.from_pretrained(name_or_path, **overrides)
-
+    config = _load_config(name_or_path, family, dropout)
     table: list[list[int]] = []
-    if reads_words:
+    if head in ("cloze", "label_words"):
         if family == "mt5" and not config.is_encoder_decoder:
             raise ValueError(
                 f"family 'mt5' needs an encoder-decoder checkpoint; {name_or_path!r} is "
@@ -516,38 +580,9 @@ def load_scorer(
             )
         table, word_warnings = label_word_table(tokenizer, label_words, num_labels, languages)
         warnings.extend(word_warnings)
-
-    if family == "xlmr":
-        if config.model_type not in ("xlm-roberta", "xlm-roberta-xl", "roberta"):
-            warnings.append(f"family 'xlmr' loading a {config.model_type!r} checkpoint")
-        if head == "classification":
-            if config.num_labels != num_labels:
-                # The setter resets id2label/label2id to LABEL_i when the size changes (a
-                # checkpoint whose id2label has the right size keeps its names).
-                config.num_labels = num_labels
-            hf_model = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, config=config, dtype=dtype, ignore_mismatched_sizes=True
-            )
-            scorer: LabelScorer = XLMRClassifier(hf_model)
-        else:
-            if tokenizer.mask_token_id is None:
-                raise ValueError(
-                    f"head 'cloze' needs a tokenizer with a mask token; {name_or_path!r} has none"
-                )
-            hf_model, info = AutoModelForMaskedLM.from_pretrained(
-                name_or_path, config=config, dtype=dtype, output_loading_info=True
-            )
-            encoder = f"{hf_model.base_model_prefix}."
-            fresh = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(encoder))
-            if fresh:
-                warnings.append(
-                    f"{name_or_path} has no masked-LM head ({', '.join(fresh)} missing): it was "
-                    "freshly initialised, so cloze scores mean nothing until it is trained"
-                )
-            scorer = XLMRCloze(hf_model, table, tokenizer.mask_token_id)
-    else:
-        hf_model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, config=config, dtype=dtype)
-        scorer = MT5LabelWords(hf_model, table)
+    scorer = _build_scorer(
+        family, head, name_or_path, config, tokenizer, num_labels, table, dtype, warnings
+    )
     scorer.eval()
     return scorer, tokenizer, warnings
 
@@ -562,8 +597,10 @@ def encode_views(
     """Tokenize a batch of views into ``input_ids`` / ``attention_mask`` [B, L].
 
     Each view is a ``str`` or a 2-item ``(text_a, text_b)`` pair (e.g. premise / hypothesis);
-    a batch must be all singles or all pairs. Padded to the longest item, truncated to
-    ``max_length`` (pairs: ``longest_first``, trimming the longer side token by token).
+    a batch must be all singles or all pairs. A multi-field view (XCOPA's 4-tuple) must be
+    rendered through a prompt first (:func:`alsace_ds.data.prompts.render_view`). Padded to
+    the longest item, truncated to ``max_length`` (pairs: ``longest_first``, trimming the
+    longer side token by token).
     """
     if len(views) == 0:
         raise ValueError("encode_views got an empty batch")

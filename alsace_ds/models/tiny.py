@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
-from transformers import PreTrainedTokenizerFast
+from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from alsace_ds.models.families import FAMILIES
 
@@ -124,6 +124,60 @@ def _untie_lm_head(model: torch.nn.Module, std: float) -> None:
         tied.pop("lm_head.weight", None)
 
 
+def _xlmr_config(
+    tokenizer: PreTrainedTokenizerFast,
+    labels: dict,
+    hidden: int,
+    layers: int,
+    heads: int,
+    ffn: int,
+    max_length: int,
+) -> PretrainedConfig:
+    from transformers import XLMRobertaConfig
+
+    pad = tokenizer.pad_token_id
+    return XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        # RoBERTa position ids start at padding_idx + 1, so a sequence of max_length tokens
+        # needs max_length + padding_idx + 1 positions; +2 more as slack (real XLM-R: 514).
+        max_position_embeddings=max_length + pad + 3,
+        type_vocab_size=1,
+        pad_token_id=pad,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=len(labels["id2label"]),
+        **labels,
+    )
+
+
+def _mt5_config(
+    tokenizer: PreTrainedTokenizerFast, labels: dict, hidden: int, layers: int, heads: int, ffn: int
+) -> PretrainedConfig:
+    from transformers import MT5Config
+
+    if hidden % heads:
+        raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
+    return MT5Config(
+        vocab_size=len(tokenizer),
+        d_model=hidden,
+        d_kv=hidden // heads,
+        d_ff=ffn,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **labels,
+    )
+
+
 def _build_model(
     family: str,
     tokenizer: PreTrainedTokenizerFast,
@@ -137,57 +191,16 @@ def _build_model(
     max_length: int,
 ) -> torch.nn.Module:
     # Imported lazily: model classes are the heavy part of transformers.
-    from transformers import (
-        MT5Config,
-        MT5ForConditionalGeneration,
-        XLMRobertaConfig,
-        XLMRobertaForSequenceClassification,
-    )
+    from transformers import MT5ForConditionalGeneration, XLMRobertaForSequenceClassification
 
-    vocab_size = len(tokenizer)
     id2label = {i: str(name) for i, name in enumerate(label_names)}
-    label2id = {name: i for i, name in id2label.items()}
+    labels = {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
     if family == "xlmr":
-        pad = tokenizer.pad_token_id
-        config = XLMRobertaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=ffn,
-            # RoBERTa position ids start at padding_idx + 1, so a sequence of max_length tokens
-            # needs max_length + padding_idx + 1 positions; +2 more as slack (real XLM-R: 514).
-            max_position_embeddings=max_length + pad + 3,
-            type_vocab_size=1,
-            pad_token_id=pad,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            num_labels=len(label_names),
-            id2label=id2label,
-            label2id=label2id,
-        )
+        config = _xlmr_config(tokenizer, labels, hidden, layers, heads, ffn, max_length)
         model_cls = XLMRobertaForSequenceClassification
     else:
-        if hidden % heads:
-            raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
-        config = MT5Config(
-            vocab_size=vocab_size,
-            d_model=hidden,
-            d_kv=hidden // heads,
-            d_ff=ffn,
-            num_layers=layers,
-            num_decoder_layers=layers,
-            num_heads=heads,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-            id2label=id2label,
-            label2id=label2id,
-        )
+        config = _mt5_config(tokenizer, labels, hidden, layers, heads, ffn)
         model_cls = MT5ForConditionalGeneration
-
     # Seeded init inside a forked RNG so the caller's global torch RNG state is untouched and
     # the same seed gives bit-identical weights.
     with torch.random.fork_rng(devices=[]):

@@ -317,7 +317,10 @@ def write_report(run: Run, threshold: float, roles, before, after, final) -> dic
         stage0_start=_stage0_record(run, "best.json") if cfg.stage0.keep_best else None,
     )  # fmt: skip
     model_name = cfg.model.name_or_path.rstrip("/").split("/")[-1]
-    report, md, tables = reporting.render(run.task, model_name, cfg.distill.method, out)
+    d = cfg.distill
+    report, md, tables = reporting.render(
+        run.task, model_name, d.method, out, d.guard_max_en_drop, d.guard_min_entropy_ratio
+    )
     if run.ctx.is_main:
         atomic_write_json(run.run_dir / "report.json", report)
         atomic_write_text(run.run_dir / "report.md", md)

@@ -44,10 +44,10 @@ def predict_corpus(
 
 
 def count_stats(run: Run, corpus: ParallelCorpus, idx: torch.Tensor, probs: torch.Tensor) -> dict:
-    """Per-language sums (correct, count, prediction histogram), all-reduced."""
+    """Per-language sums (correct, count, prediction histogram, probability sum), all-reduced."""
     T = len(run.task.languages)
     labels = corpus.labels()[idx // T]
-    stats = accuracy_counts(probs.argmax(-1), labels, idx % T, T, run.task.num_labels)
+    stats = accuracy_counts(probs, labels, idx % T, T)
     return {k: parallel.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
 
 
@@ -59,9 +59,15 @@ def evaluate(run: Run, engine: Any, tok: Any, corpus: ParallelCorpus, desc: str)
 
 def summary(run: Run, stats: dict, teachers: list[str], students: list[str]) -> dict:
     return summarize(
-        run.task.languages, stats["correct"], stats["count"], run.task.english,
-        teachers, students, stats["pred_hist"],
-    )  # fmt: skip
+        run.task.languages,
+        stats["correct"],
+        stats["count"],
+        run.task.english,
+        teachers,
+        students,
+        stats["pred_hist"],
+        stats.get("prob_sum"),
+    )  # fmt: skip  (an earlier attempt's results/*.json may predate prob_sum)
 
 
 def log_summary(run: Run, prefix: str, summ: dict, step: int) -> None:

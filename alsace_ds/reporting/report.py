@@ -8,29 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alsace_ds.data.tasks import TaskData
+from alsace_ds.method.guard import collapse_warnings
 from alsace_ds.method.metrics import markdown_table
 from alsace_ds.reporting.tables import states_of, table2, table3, to_csv, to_markdown
-
-
-def health_warnings(before: dict, after: dict | None, english: str | None) -> list[str]:
-    """Signs that distillation hurt: a smaller gap bought with lower accuracy is a failure."""
-    if after is None:
-        return []
-    out = []
-    b, a = before["averages"]["all"]["accuracy"], after["averages"]["all"]["accuracy"]
-    if a < b:
-        out.append(f"average accuracy fell from {b:.2f} to {a:.2f}: a smaller gap is no gain here")
-    drop = 0.0 if english is None else before["accuracy"][english] - after["accuracy"][english]
-    if drop > 2.0:
-        out.append(f"{english} accuracy fell by {drop:.2f} points")
-    for lang, h_b in before.get("prediction_entropy_bits", {}).items():
-        h_a = after["prediction_entropy_bits"][lang]
-        if h_a < 0.5 * h_b:
-            out.append(
-                f"{lang}: prediction entropy fell from {h_b:.2f} to {h_a:.2f} bits "
-                "(predictions collapsing toward one label)"
-            )
-    return out
 
 
 def guard_markdown(guard: dict, english: str | None) -> str:
@@ -95,9 +75,15 @@ class Outcome:
     stage0_start: dict | None = None  # stage0/best.json: the stage-0 model distill started from
 
 
-def render(task: TaskData, model_name: str, method: str, out: Outcome) -> tuple[dict, str, dict]:
-    """(report.json content, report.md text, {table name: rows})."""
-    warnings = health_warnings(out.before, out.after, task.english)
+def render(
+    task: TaskData, model_name: str, method: str, out: Outcome, max_en_drop: float,
+    min_entropy_ratio: float,
+) -> tuple[dict, str, dict]:  # fmt: skip
+    """(report.json content, report.md text, {table name: rows}). The warnings apply the
+    collapse guard's rules (``distill.guard_max_en_drop`` / ``guard_min_entropy_ratio``) to
+    the test set before and after."""
+    en = task.english
+    warnings = collapse_warnings(out.before, out.after, en, max_en_drop, min_entropy_ratio)
     states = states_of(out.before, out.after, model_name)
     tables = {"table2": table2(states, task.english), "table3": table3(states)}
     report = {
