@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.lr=1e-6")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides before and after --config
 
 
 def launcher_world_size() -> int:
@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         expected = launcher_world_size()
         cfg = with_world(cfg, expected)
         check_batches(cfg, expected)
-        from alsace_ds.data.tasks import prepare_task
+        from alsace_ds.data.tasks import check_before_training, prepare_task
 
         cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
+        check_before_training(cfg, task)  # model config (max_length), output dir: nothing written
         ctx = init_distributed(cfg.deepspeed.timeout_s)
         if ctx.world_size != expected:
             # e.g. an MPI whose PMI does not match Slurm's: every task would become its own
