@@ -186,8 +186,9 @@ class DistillConfig:
     # size that divides the world and leaves a data-parallel world dividing global_batch
     # (e.g. 24 ranks, global_batch 32: 3 -> 8 view groups of 4 examples), else 1.
     view_parallel_size: int | Literal["auto"] = 1
-    pairs: Literal["ordered", "unordered"] = "ordered"
-    direction: Literal["forward", "reverse"] = "forward"
+    # Registered in alsace_ds.method.pairs (PAIR_POLICIES, DIRECTIONS).
+    pairs: str = "ordered"
+    direction: str = "forward"
     detach_teacher: bool = False
     # Dev checks: optimizer steps between them (0 = at epoch ends). With eval_every > 0 the
     # checks are at the start, every eval_every steps and at the end, not at epoch ends (a
@@ -209,7 +210,7 @@ class DistillConfig:
     # "alsace" (teacher selection + self-distillation) or the paper's Table 4 baseline
     # "english_self_training": pseudo-label the unlabeled English views, keep the most
     # confident half, fine-tune on them with cross-entropy (same lr/epochs/batch).
-    method: Literal["alsace", "english_self_training"] = "alsace"
+    method: str = "alsace"  # registered in alsace_ds.recipes.strategies.DISTILL_METHODS
 
 
 @dataclass
@@ -317,6 +318,14 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     raise TypeError(f"unsupported annotation {_type_name(tp)} at {where}")
 
 
+#: Keys that were renamed (dotted path -> new name): refused with the new name, never
+#: silently dropped.
+RENAMED_KEYS = {
+    "stage1": "selection",  # the paper's stage 1 (teacher-language selection)
+    "stage2": "distill",  # the paper's stage 2 (cross-lingual self-distillation)
+}
+
+
 def _dataclass_from_dict(cls: type, data: Any, where: str, errors: list[str]) -> Any:
     if data is None:
         data = {}
@@ -327,11 +336,19 @@ def _dataclass_from_dict(cls: type, data: Any, where: str, errors: list[str]) ->
     names = {f.name for f in dataclasses.fields(cls)}
     prefix = f"{where}." if where else ""
     for key in data:
-        if key not in names:
+        if key in names:
+            continue
+        renamed = RENAMED_KEYS.get(f"{prefix}{key}")
+        if renamed is not None:
             errors.append(
-                f"{prefix}{key}: unknown key (known keys of '{where or 'config'}': "
-                f"{', '.join(sorted(names))})"
+                f"{prefix}{key}: renamed to '{renamed}' (the stages are stage0, selection, "
+                f"distill); write the section as '{renamed}:'"
             )
+            continue
+        errors.append(
+            f"{prefix}{key}: unknown key (known keys of '{where or 'config'}': "
+            f"{', '.join(sorted(names))})"
+        )
     kwargs = {}
     for key, value in data.items():
         if key in names:
@@ -388,9 +405,16 @@ def _read_yaml(path: Path, errors: list[str]) -> dict[str, Any]:
         errors.append(f"{path}: cannot read config file ({exc.strerror})")
         return {}
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         errors.append(f"{path}: invalid YAML: {exc}")
+        return {}
+    if data is None or data == {}:
+        errors.append(
+            f"{path}: the file holds no settings (empty, or only comments); it would run on "
+            "the built-in defaults: write the sections you mean (e.g. start from "
+            "configs/default.yaml)"
+        )
         return {}
     if not isinstance(data, dict):
         errors.append(f"{path}: top level must be a mapping of sections")
@@ -442,36 +466,31 @@ def _positive(errors: list[str], where: str, value: float | int | None, allow_no
 
 
 def validate(cfg: Config) -> list[str]:
-    """Semantic checks that need several fields; returns every problem found."""
+    """Semantic checks that need several fields, one short function per section; returns
+    every problem found."""
     errors: list[str] = []
+    for check in (_check_task, _check_model, _check_training_stages, _check_distill,
+                  _check_selection, _check_deepspeed, _check_run):  # fmt: skip
+        check(cfg, errors)
+    return errors
+
+
+def _check_task(cfg: Config, errors: list[str]) -> None:
     t, m = cfg.task, cfg.model
+    hub = t.name in HUB_TASKS
     if t.name not in TASK_NAMES:
         errors.append(f"task.name: {t.name!r} is not one of {list(TASK_NAMES)}")
-    if t.name in HUB_TASKS and m.name_or_path == EMBEDDED:
+    if m.name_or_path == EMBEDDED and (hub or t.name == "jsonl"):
         errors.append("model.name_or_path: 'embedded' only goes with task.name 'embedded'")
-    if t.name not in HUB_TASKS:
+    if not hub:
         for key in ("source", "train_source", "train_split", "unlabeled_split", "dev_split",
                     "test_split"):  # fmt: skip
             if getattr(t, key) is not None:
                 errors.append(f"task.{key}: only used by the Hub tasks {list(HUB_TASKS)}")
-    if m.family in HEADS and m.head is not None and m.head not in HEADS[m.family]:
-        errors.append(
-            f"model.head: {m.head!r} is not a head of family {m.family!r} "
-            f"(valid: {list(HEADS[m.family])})"
-        )
     if t.name == "jsonl":
-        for key in ("train_file", "unlabeled_file", "test_file"):
-            if getattr(t, key) is None and not (key == "train_file" and not cfg.stage0.enabled):
-                errors.append(f"task.{key}: required when task.name is 'jsonl'")
-        if not t.languages:
-            errors.append("task.languages: required when task.name is 'jsonl'")
-        if not t.labels:
-            errors.append("task.labels: required when task.name is 'jsonl'")
-        if m.name_or_path == EMBEDDED:
-            errors.append("model.name_or_path: 'embedded' only goes with task.name 'embedded'")
+        _check_jsonl(cfg, errors)
     if len(set(t.languages)) != len(t.languages):
         errors.append(f"task.languages: duplicate codes in {t.languages}")
-    hub = t.name in HUB_TASKS
     if t.english is None and not hub:
         errors.append("task.english: null is only for Hub tasks without an English view (xcopa)")
     # (Hub tasks: checked once their defaults are known; XCOPA's default reference is none.)
@@ -481,17 +500,53 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"task.labels: duplicate labels in {t.labels}")
     _positive(errors, "task.max_unlabeled", t.max_unlabeled, allow_none=True)
     _positive(errors, "task.k_shot", t.k_shot, allow_none=True)
+
+
+def _check_jsonl(cfg: Config, errors: list[str]) -> None:
+    t = cfg.task
+    for key in ("train_file", "unlabeled_file", "test_file"):
+        if getattr(t, key) is None and not (key == "train_file" and not cfg.stage0.enabled):
+            errors.append(f"task.{key}: required when task.name is 'jsonl'")
+    if not t.languages:
+        errors.append("task.languages: required when task.name is 'jsonl'")
+    if not t.labels:
+        errors.append("task.labels: required when task.name is 'jsonl'")
+
+
+def _check_model(cfg: Config, errors: list[str]) -> None:
+    t, m = cfg.task, cfg.model
     if m.family not in FAMILIES:
         errors.append(f"model.family: {m.family!r} is not one of {list(FAMILIES)}")
+    if m.family in HEADS and m.head is not None and m.head not in HEADS[m.family]:
+        errors.append(
+            f"model.head: {m.head!r} is not a head of family {m.family!r} "
+            f"(valid: {list(HEADS[m.family])})"
+        )
     if m.resolved_head == "classification" and m.label_words:
         errors.append("model.label_words: not used by the classification head")
-    if m.label_words is not None and t.labels and len(m.label_words) != len(t.labels):
+    elif m.label_words is not None and (t.name in HUB_TASKS or m.prompts_file is not None):
         errors.append(
-            f"model.label_words: {len(m.label_words)} words for {len(t.labels)} labels {t.labels}"
+            "model.label_words: not used with a template file (Hub tasks, model.prompts_file): "
+            "the label words are the verbalizers written there"
         )
+    elif t.labels:
+        errors += label_word_problems(m.label_words, t.labels)
     _positive(errors, "model.max_length", m.max_length)
     if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
         errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+
+
+def label_word_problems(label_words: list[str] | None, labels: list[str]) -> list[str]:
+    """``model.label_words`` must give one word per label of the task (its num_labels)."""
+    if label_words is None or len(label_words) == len(labels):
+        return []
+    return [
+        f"model.label_words: {len(label_words)} word(s) {label_words} given, but the task has "
+        f"num_labels={len(labels)} ({', '.join(labels)}): give one word per label, in that order"
+    ]
+
+
+def _check_training_stages(cfg: Config, errors: list[str]) -> None:
     for name in ("stage0", "distill"):
         st = getattr(cfg, name)
         _positive(errors, f"{name}.epochs", st.epochs)
@@ -506,9 +561,23 @@ def validate(cfg: Config) -> list[str]:
             errors.append(f"{name}.warmup_ratio: must be in [0, 1), got {st.warmup_ratio}")
         if st.weight_decay < 0:
             errors.append(f"{name}.weight_decay: must be >= 0, got {st.weight_decay}")
-    if cfg.distill.view_parallel_size != "auto":
-        _positive(errors, "distill.view_parallel_size", cfg.distill.view_parallel_size)
+    s0 = cfg.stage0
+    if not s0.enabled and s0.init_from is None and cfg.model.name_or_path == EMBEDDED:
+        errors.append(
+            "stage0.enabled: false needs stage0.init_from (a fine-tuned model folder) "
+            "when the model is the embedded random-init one"
+        )
+    if s0.enabled and s0.init_from is not None:
+        errors.append(
+            "stage0.init_from: only used with stage0.enabled=false (stage 0 is then skipped "
+            "and distill starts from that folder); with stage 0 enabled it would be ignored"
+        )
+
+
+def _check_distill(cfg: Config, errors: list[str]) -> None:
     dd = cfg.distill
+    if dd.view_parallel_size != "auto":
+        _positive(errors, "distill.view_parallel_size", dd.view_parallel_size)
     if dd.eval_every < 0:
         errors.append("distill.eval_every: must be >= 0")
     if dd.guard_max_en_drop < 0:
@@ -518,36 +587,91 @@ def validate(cfg: Config) -> list[str]:
     if not 0.0 <= dd.guard_min_agreement <= 100.0:
         errors.append("distill.guard_min_agreement: must be a percentage in [0, 100]")
     _positive(errors, "distill.guard_patience", dd.guard_patience)
+    errors += _registry_problems(cfg)
+
+
+def _registry_problems(cfg: Config) -> list[str]:
+    """The variants the config names, against the tables that register them (imported here,
+    not at the top: they bring torch and DeepSpeed, which reading a config does not need)."""
+    from alsace_ds.method.pairs import DIRECTIONS, PAIR_POLICIES
+    from alsace_ds.recipes.strategies import DISTILL_METHODS
+
+    out = []
+    for key, table in (("pairs", PAIR_POLICIES), ("direction", DIRECTIONS),
+                       ("method", DISTILL_METHODS)):  # fmt: skip
+        value = getattr(cfg.distill, key)
+        if value not in table:
+            out.append(f"distill.{key}: {value!r} is not one of {list(table)}")
+    return out
+
+
+def _check_selection(cfg: Config, errors: list[str]) -> None:
     s = cfg.selection
     if s.threshold is not None and not (0.0 < s.threshold <= 1.0):
         errors.append(f"selection.threshold: must be in (0, 1], got {s.threshold}")
     _positive(errors, "selection.batch_size", s.batch_size)
-    if s.teachers is not None and s.teachers != ["all"] and t.languages:
-        unknown = [x for x in s.teachers if x not in t.languages]
-        if unknown:
-            errors.append(f"selection.teachers: unknown language code(s) {unknown}")
+    # Against the configured languages here; task.languages empty (the embedded and Hub
+    # defaults): alsace_ds.data.tasks.prepare_task checks them once they are resolved.
+    if cfg.task.languages:
+        errors += teacher_problems(s.teachers, cfg.task.languages, cfg.task.name)
     _positive(errors, "eval.batch_size", cfg.eval.batch_size)
+
+
+def teacher_problems(teachers: list[str] | None, languages: list[str], task: str) -> list[str]:
+    """``selection.teachers`` (the vote's override): null, ``[all]``, or a non-empty list of
+    the task's language codes."""
+    if teachers is None or teachers == ["all"]:
+        return []
+    langs = f"the languages of task {task!r}: {', '.join(languages)}"
+    if not teachers:
+        return [
+            f"selection.teachers: [] names no teacher language; list some of {langs}; or "
+            "write [all] for every language, or leave it null (teachers chosen by the vote)"
+        ]
+    if "all" in teachers:
+        return [f"selection.teachers: 'all' stands alone ([all]), got {teachers}"]
+    problems = []
+    if len(set(teachers)) != len(teachers):
+        problems.append(f"selection.teachers: duplicate codes in {teachers}")
+    unknown = [x for x in teachers if x not in languages]
+    if unknown:
+        problems.append(
+            f"selection.teachers: unknown language code(s) {', '.join(map(repr, unknown))} "
+            f"(not among {langs})"
+        )
+    return problems
+
+
+def _check_deepspeed(cfg: Config, errors: list[str]) -> None:
     d = cfg.deepspeed
     if d.zero_stage is not None and d.zero_stage not in (0, 1, 2, 3):
         errors.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {d.zero_stage}")
     if not resolve_path(d.config).is_file():
         errors.append(f"deepspeed.config: no such file {d.config!r}")
+    if not d.gradient_clipping >= 0:
+        errors.append(
+            "deepspeed.gradient_clipping: must be >= 0 (0 = no clipping), "
+            f"got {d.gradient_clipping}"
+        )
     _positive(errors, "deepspeed.timeout_s", d.timeout_s)
     if d.param_persistence_threshold < 0:
         errors.append("deepspeed.param_persistence_threshold: must be >= 0")
-    _positive(errors, "run.log_every", cfg.run.log_every)
-    if cfg.run.checkpoint_every < 0:
-        errors.append("run.checkpoint_every: must be >= 0")
-    if cfg.run.checkpoint_minutes is not None and cfg.run.checkpoint_minutes < 0:
-        errors.append("run.checkpoint_minutes: must be >= 0")
-    _positive(errors, "run.keep_checkpoints", cfg.run.keep_checkpoints)
-    _positive(errors, "run.stop_after_steps", cfg.run.stop_after_steps, allow_none=True)
-    if not cfg.stage0.enabled and cfg.stage0.init_from is None and m.name_or_path == EMBEDDED:
+
+
+def _check_run(cfg: Config, errors: list[str]) -> None:
+    r = cfg.run
+    if not r.output_dir.strip():
         errors.append(
-            "stage0.enabled: false needs stage0.init_from (a fine-tuned model folder) "
-            "when the model is the embedded random-init one"
+            "run.output_dir: must not be empty (the run would write into the current "
+            "directory); name a folder, e.g. runs/my-run"
         )
-    return errors
+    _positive(errors, "run.log_every", r.log_every)
+    if r.checkpoint_every < 0:
+        errors.append("run.checkpoint_every: must be >= 0")
+    if r.checkpoint_minutes is not None and r.checkpoint_minutes < 0:
+        errors.append("run.checkpoint_minutes: must be >= 0")
+    _positive(errors, "run.keep_checkpoints", r.keep_checkpoints)
+    _positive(errors, "run.stop_after_steps", r.stop_after_steps, allow_none=True)
 
 
 def auto_view_parallel(world: int, global_batch: int | None) -> int:

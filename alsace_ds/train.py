@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.lr=1e-6")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides before and after --config
 
 
 def launcher_world_size() -> int:
@@ -67,31 +67,15 @@ def check_batches(cfg, world: int) -> None:
         build_ds_config(cfg, stage, world)
 
 
+SETUP_ERRORS = (ConfigError, DataError, LaunchError, PeerError, CheckpointError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """setup -> the recipe (stage0 -> selection -> distill -> evaluate). A problem found in
+    setup is one message, printed once, and exit 2: nothing has trained."""
     try:
-        cfg = load_config(config_path(args.config), args.overrides)
-        expected = launcher_world_size()
-        cfg = with_world(cfg, expected)
-        check_batches(cfg, expected)
-        from alsace_ds.data.tasks import prepare_task
-
-        cfg, task = prepare_task(cfg)  # every corpus validated here, before distributed init
-        ctx = init_distributed(cfg.deepspeed.timeout_s, cfg.distill.view_parallel_size)
-        if ctx.world_size != expected:
-            # e.g. an MPI whose PMI does not match Slurm's: every task would become its own
-            # world of 1 and all of them would write the same run directory.
-            raise ConfigError(
-                [f"the launcher started {expected} processes but they formed a world of "
-                 f"{ctx.world_size}: rank discovery failed (for srun --mpi, the MPI library "
-                 "must support Slurm's PMI plugin; torchrun or mpirun avoid it)"],
-                "launch",
-            )  # fmt: skip
-        check_batches(cfg, ctx.world_size)  # the real world, e.g. after MPI discovery
-        from alsace_ds.recipes.run import open_run_dir
-
-        lock = open_run_dir(cfg, ctx)  # one job per run directory; reuse checked, agreed
-    except (ConfigError, DataError, LaunchError, PeerError, CheckpointError) as exc:
+        cfg, task, ctx, lock = setup(parse_args(argv))
+    except SETUP_ERRORS as exc:
         if launcher_rank() == 0:
             print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
         elif not isinstance(exc, PeerError):
@@ -101,6 +85,35 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
         return 2
     return run(cfg, task, ctx, lock)
+
+
+def setup(args: argparse.Namespace):
+    """Every check that can fail before training, in order: the config, its batch arithmetic
+    for the world the launcher announced, the task and its data, the model's config and the
+    output directory (all before any process group exists, so each rank finds the same);
+    then distributed init with the view groups, the real world, and the run directory."""
+    from alsace_ds.data.tasks import check_before_training, prepare_task
+    from alsace_ds.recipes.run import open_run_dir
+
+    cfg = load_config(config_path(args.config), args.overrides)
+    expected = launcher_world_size()
+    cfg = with_world(cfg, expected)
+    check_batches(cfg, expected)
+    cfg, task = prepare_task(cfg)  # every corpus validated here
+    check_before_training(cfg, task)  # model config (max_length), output dir: nothing written
+    ctx = init_distributed(cfg.deepspeed.timeout_s, cfg.distill.view_parallel_size)
+    if ctx.world_size != expected:
+        # e.g. an MPI whose PMI does not match Slurm's: every task would become its own
+        # world of 1 and all of them would write the same run directory.
+        raise ConfigError(
+            [f"the launcher started {expected} processes but they formed a world of "
+             f"{ctx.world_size}: rank discovery failed (for srun --mpi, the MPI library "
+             "must support Slurm's PMI plugin; torchrun or mpirun avoid it)"],
+            "launch",
+        )  # fmt: skip
+    check_batches(cfg, ctx.world_size)  # the real world, e.g. after MPI discovery
+    lock = open_run_dir(cfg, ctx)  # one job per run directory; reuse checked, agreed
+    return cfg, task, ctx, lock
 
 
 def run(cfg, task, ctx, lock) -> int:

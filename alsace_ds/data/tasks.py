@@ -20,10 +20,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alsace_ds.config import EMBEDDED, HUB_TASKS, Config, ConfigError, resolve_path
+from alsace_ds.config import (
+    EMBEDDED,
+    HUB_TASKS,
+    Config,
+    ConfigError,
+    label_word_problems,
+    resolve_path,
+    teacher_problems,
+)
 from alsace_ds.data.corpus import DataError, ParallelCorpus, k_shot, load_parallel_jsonl
 
 # Hub tasks: the split that feeds each role. Unlabeled and dev are disjoint slices of the
@@ -352,7 +362,147 @@ def _fields(table: dict, task_key: str, corpus: ParallelCorpus) -> tuple[str, ..
     return tuple(got)
 
 
+# ----------------------------------------------------------------------------- model source
+
+# A Hub model id: "name" or "owner/name" (anything else that does not exist is a missing folder).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def model_source(cfg: Config) -> tuple[str, str]:
+    """(the config field, its value) of the model the first training stage loads."""
+    if cfg.stage0.enabled or cfg.stage0.init_from is None:
+        return "model.name_or_path", cfg.model.name_or_path
+    return "stage0.init_from", cfg.stage0.init_from
+
+
+def model_source_problems(cfg: Config) -> list[str]:
+    """A local model folder must exist and hold a ``config.json``; a Hub name is checked by
+    :func:`check_before_training` (its config is loaded there)."""
+    where, source = model_source(cfg)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return []
+        return [
+            f"{where}: {source} has no config.json, so it is not a Hugging Face model folder "
+            "(a run exports its models as <run>/stage0/model and <run>/final/model)"
+        ]
+    if path.exists():
+        return [f"{where}: {source} is a file, not a model folder"]
+    if _HUB_ID.match(source):
+        return []
+    return [f"{where}: no such model folder {source!r}"]
+
+
+# RoBERTa-type models number positions from pad_token_id + 1 (transformers'
+# create_position_ids_from_input_ids), so max_position_embeddings - pad_token_id - 1 tokens fit.
+ROBERTA_TYPES = ("xlm-roberta", "xlm-roberta-xl", "roberta", "camembert")
+
+
+def max_input_tokens(model_config) -> tuple[int, str] | None:
+    """The longest input the model's position table takes, and why; None for relative
+    positions (T5 / mT5), which have no table to run past."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is None or getattr(model_config, "position_embedding_type", "absolute") != (
+        "absolute"
+    ):
+        return None
+    if model_config.model_type in ROBERTA_TYPES:
+        offset = int(model_config.pad_token_id) + 1
+        return positions - offset, (
+            f"max_position_embeddings {positions} minus {offset}: {model_config.model_type} "
+            f"position ids start at pad_token_id + 1 = {offset}"
+        )
+    return positions, f"max_position_embeddings {positions}"
+
+
+def model_config_problems(cfg: Config, source: str) -> list[str]:
+    """Load the model's config (no weights) and check ``model.max_length`` against it."""
+    from transformers import AutoConfig
+
+    where, _ = model_source(cfg)
+    try:
+        model_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [f"{where}: cannot load the model config of {source!r} ({reason})"]
+    limit = max_input_tokens(model_config)
+    if limit is not None and cfg.model.max_length > limit[0]:
+        return [f"model.max_length: {cfg.model.max_length} tokens is more than the model "
+                f"{source} takes: {limit[0]} ({limit[1]}); set model.max_length <= "
+                f"{limit[0]}"]  # fmt: skip
+    return []
+
+
+# ----------------------------------------------------------------------------- output directory
+
+#: Space for what a run writes besides models and checkpoints (reports, results, TensorBoard).
+MIN_FREE_BYTES = 16 * 2**20
+
+
+def weights_bytes(source: str) -> int:
+    """Size of a local model folder's weight files (0 for a Hub name)."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt")
+               for f in path.glob(pattern) if f.is_file())  # fmt: skip
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def output_dir_problems(cfg: Config, weights: int) -> list[str]:
+    """``run.output_dir`` must be creatable and writable, on a filesystem with room for at
+    least one exported model and one checkpoint's weights per training stage. Nothing is left
+    behind: the probe folder is made in the nearest existing folder and removed at once."""
+    out = cfg.run.output_dir
+    existing = Path(out).expanduser()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"run.output_dir: {out} cannot be created: {existing} is a file, not a folder"]
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".alsace-write-check-", dir=existing))
+    except OSError as exc:
+        return [f"run.output_dir: {out} cannot be written: making a folder in {existing} "
+                f"fails ({exc.strerror or exc})"]  # fmt: skip
+    stages = int(cfg.stage0.enabled) + int(cfg.distill.enabled)
+    need = 2 * weights * stages + MIN_FREE_BYTES
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        return [
+            f"run.output_dir: the filesystem of {existing} has {_mib(free)} free, less than the "
+            f"{_mib(need)} this run writes at the very least ({stages} training stage(s) x (one "
+            f"export + one checkpoint) of {_mib(weights)} of weights, plus "
+            f"{_mib(MIN_FREE_BYTES)} of reports; a checkpoint with optimizer state takes about "
+            "4x the weights): free some space, or choose another run.output_dir"
+        ]
+    return []
+
+
+def check_before_training(cfg: Config, data: TaskData) -> None:
+    """The checks that need the model's config or the filesystem, every problem at once, before
+    any process group exists or anything is written (called by ``alsace_ds.train.main`` after
+    :func:`prepare_task`)."""
+    problems = model_config_problems(cfg, data.model_source)
+    problems += output_dir_problems(cfg, weights_bytes(data.model_source))
+    if problems:
+        raise ConfigError(problems, "config")
+
+
 # ----------------------------------------------------------------------------- entry
+
+
+def resolved_problems(cfg: Config) -> list[str]:
+    """Checks of fields whose meaning depends on the task's resolved languages and labels
+    (embedded and Hub tasks fill them only here), and of the model folder."""
+    t, m = cfg.task, cfg.model
+    problems = teacher_problems(cfg.selection.teachers, t.languages, t.name)
+    problems += label_word_problems(m.label_words, t.labels)
+    problems += model_source_problems(cfg)
+    return problems
 
 
 def prepare_task(cfg: Config) -> tuple[Config, TaskData]:
@@ -363,18 +513,26 @@ def prepare_task(cfg: Config) -> tuple[Config, TaskData]:
     elif name in HUB_TASKS:
         cfg = _with_hub_defaults(cfg)
     t = cfg.task
+    problems = resolved_problems(cfg)
     if t.english is not None and t.english not in t.languages:
-        raise ConfigError([f"task.english: {t.english!r} is not in task.languages {t.languages}"])
+        problems.insert(0, f"task.english: {t.english!r} is not in task.languages {t.languages}")
+    if problems:
+        raise ConfigError(problems)
     notes: list[str] = []
     if name in HUB_TASKS:
         train, unlabeled, dev, test = _load_hub(cfg, notes)
     else:
         train, unlabeled, dev, test = _load_files(cfg, name == EMBEDDED)
     if train is not None and t.k_shot is not None:
+        if t.k_shot > len(train):
+            raise ConfigError(
+                [f"task.k_shot: {t.k_shot} is more than the {len(train)} examples of the English "
+                 f"training set {train.path}; set task.k_shot <= {len(train)} (or null: all)"]
+            )  # fmt: skip
         train = k_shot(train, t.k_shot, cfg.run.seed)
         notes.append(f"stage 0: {t.k_shot}-shot English training set (seed {cfg.run.seed})")
     check_overlaps(cfg, unlabeled, dev, test, train, notes)
-    source = cfg.stage0.init_from if not cfg.stage0.enabled else cfg.model.name_or_path
+    _, source = model_source(cfg)
     data = TaskData(
         languages=list(t.languages),
         english=t.english,
@@ -400,4 +558,12 @@ def prepare_task(cfg: Config) -> tuple[Config, TaskData]:
     return cfg, data
 
 
-__all__ = ["DataError", "TaskData", "cache_dir", "find_overlap", "parse_split", "prepare_task"]
+__all__ = [
+    "DataError",
+    "TaskData",
+    "cache_dir",
+    "check_before_training",
+    "find_overlap",
+    "parse_split",
+    "prepare_task",
+]

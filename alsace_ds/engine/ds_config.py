@@ -1,8 +1,10 @@
 """DeepSpeed JSON: the files in ``ds_configs/`` say "auto" wherever our config decides.
 
 This module is the ONE place that fills them (HF's ``fill_match`` idea): every "auto"
-must be filled, and a concrete value in the JSON that disagrees with our config is an
-error rather than a silent winner. The batch identity
+must be filled, a key our config decides that the JSON leaves out is written in (a user's
+JSON without ``gradient_clipping``, ``bf16`` or the batch keys still gets the config's
+values), and a concrete value in the JSON that disagrees with our config is an error rather
+than a silent winner. The batch identity
 ``train_batch_size = micro * grad_accum * data_parallel_world`` is asserted here.
 """
 
@@ -53,20 +55,32 @@ def _find_auto(node: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if node == "auto" else []
 
 
-def fill_auto(template: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Replace "auto" at dotted keys by ``values``; report unfilled autos and mismatches at once."""
+def fill_auto(
+    template: dict[str, Any],
+    values: dict[str, Any],
+    source: str,
+    decided_by: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write ``values`` at their dotted keys where the template says "auto" or leaves the key
+    out; report unfilled autos and concrete values that disagree, all at once.
+    ``decided_by[key]`` names the config field behind a value (for the message)."""
     cfg = copy.deepcopy(template)
     problems: list[str] = []
     for key, value in values.items():
         present, current = _get(cfg, key)
         if not present or current == "auto":
-            if present:
+            try:
                 _set(cfg, key, value)
+            except (AttributeError, TypeError):  # e.g. "bf16": true instead of an object
+                problems.append(f"{source}: cannot write '{key}': a section on its path is "
+                                "not an object")  # fmt: skip
             continue
         if current != value:
+            field = (decided_by or {}).get(key)
             problems.append(
-                f"{source}: '{key}' is {current!r} but our config says {value!r} "
-                f'(write "auto" there to let the config decide)'
+                f"{source}: '{key}' is {current!r} but our config says {value!r}"
+                + (f" ({field})" if field else "")
+                + ' (write "auto" there to let the config decide)'
             )
     problems += [f"{source}: '{k}' is \"auto\" but nothing fills it" for k in _find_auto(cfg)]
     if problems:
@@ -74,9 +88,23 @@ def fill_auto(template: dict[str, Any], values: dict[str, Any], source: str) -> 
     return cfg
 
 
-# Always written, whether or not the template names them: mixed precision must never be left
-# to a template that forgot the section.
-INJECTED = ("torch_autocast.enabled", "torch_autocast.dtype")
+#: Written only where the template has the key (or uses ZeRO-3, the stage that reads it).
+STAGE3_KEY = "zero_optimization.stage3_param_persistence_threshold"
+
+
+def decided_by(stage_name: str) -> dict[str, str]:
+    """The config field behind each value of :func:`stage_values` (named in mismatches)."""
+    return {
+        "train_micro_batch_size_per_gpu": f"{stage_name}.micro_batch",
+        "gradient_accumulation_steps": f"{stage_name}.grad_accum",
+        "train_batch_size": f"{stage_name}.micro_batch x grad_accum x data-parallel ranks",
+        "gradient_clipping": "deepspeed.gradient_clipping",
+        "bf16.enabled": "model.dtype: bf16 is torch_autocast, never DeepSpeed's bf16",
+        "fp16.enabled": "model.dtype: fp32 or bf16",
+        "torch_autocast.enabled": "model.dtype",
+        "torch_autocast.dtype": "model.dtype",
+        STAGE3_KEY: "deepspeed.param_persistence_threshold",
+    }
 
 
 def stage_values(cfg: Config, stage: Stage0Config | DistillConfig, dp_world: int) -> dict[str, Any]:
@@ -96,9 +124,10 @@ def stage_values(cfg: Config, stage: Stage0Config | DistillConfig, dp_world: int
         "train_batch_size": stage.micro_batch * stage.grad_accum * dp_world,
         "gradient_clipping": ds.gradient_clipping,
         "bf16.enabled": False,
+        "fp16.enabled": False,
         "torch_autocast.enabled": bf16,
         "torch_autocast.dtype": "bfloat16",
-        "zero_optimization.stage3_param_persistence_threshold": ds.param_persistence_threshold,
+        STAGE3_KEY: ds.param_persistence_threshold,
     }
 
 
@@ -134,10 +163,11 @@ def build_ds_config(
     if cfg.deepspeed.zero_stage is not None:
         template.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
     _refuse_bf16_weights(template, source)
-    for key in INJECTED:
-        if not _get(template, key)[0]:
-            _set(template, key, "auto")
-    filled = fill_auto(template, stage_values(cfg, stage, dp_world), source)
+    values = stage_values(cfg, stage, dp_world)
+    if _get(template, "zero_optimization.stage")[1] != 3 and not _get(template, STAGE3_KEY)[0]:
+        del values[STAGE3_KEY]
+    name = "stage0" if isinstance(stage, Stage0Config) else "distill"
+    filled = fill_auto(template, values, source, decided_by(name))
     micro = filled["train_micro_batch_size_per_gpu"]
     accum = filled["gradient_accumulation_steps"]
     if filled["train_batch_size"] != micro * accum * dp_world:

@@ -127,6 +127,26 @@ def _provenance_problems(run_dir: Path, now: dict) -> list[str]:
     return problems
 
 
+def _saved_config(path: Path, found: str) -> dict | str:
+    """The run directory's ``config.yaml`` as a mapping, or the problem with it."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+        why = "is empty" if saved is None else "does not hold a config mapping"
+    except OSError as exc:
+        why = f"cannot be read ({exc.strerror or exc})"
+        saved = None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = f"is not valid YAML ({getattr(exc, 'problem', None) or 'unreadable'}{where})"
+        saved = None
+    if isinstance(saved, dict) and saved:
+        return saved
+    return (f"run.output_dir: {path} {why}; it records the config that made the outputs there "
+            f"({found}), so they cannot be checked against this run: restore it, or use another "
+            "run.output_dir")  # fmt: skip
+
+
 def reuse_problems(cfg: Config, facts: dict[str, dict]) -> list[str]:
     """Every reason this run must not continue ``cfg.run.output_dir`` (rank 0 reads files).
     ``facts[stage]`` are the launch facts each stage would run with."""
@@ -141,7 +161,9 @@ def reuse_problems(cfg: Config, facts: dict[str, dict]) -> list[str]:
     if not saved_path.is_file():
         return [f"run.output_dir: {run_dir} holds outputs ({found}) but no config.yaml, so "
                 "the config that made them is unknown; use another output_dir"]  # fmt: skip
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved = _saved_config(saved_path, found)
+    if isinstance(saved, str):
+        return [saved]
     now = cfg.to_dict()
     problems = []
     for stage in loaded_stages(run_dir):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from alsace_ds import parallel
-from alsace_ds.config import Config, SelectionConfig
+from alsace_ds.config import SelectionConfig
 from alsace_ds.engine.trainer import (
     StepPlan,
     cross_entropy_step,
@@ -153,10 +153,3 @@ DISTILL_METHODS: dict[str, DistillMethod] = {
     "alsace": DistillMethod("self-distillation", self_distillation),
     "english_self_training": DistillMethod("English self-training", english_self_training),
 }
-
-
-def config_problems(cfg: Config) -> list[str]:
-    """Choices the config names that no table here registers."""
-    if cfg.distill.method not in DISTILL_METHODS:
-        return [f"distill.method: {cfg.distill.method!r} is not one of {list(DISTILL_METHODS)}"]
-    return []
