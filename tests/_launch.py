@@ -3,15 +3,20 @@ independently recompute what it reported, in one plain process."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from _dist_helpers import free_port
+from alsace_ds.config import load_config
 from alsace_ds.data.corpus import load_parallel_jsonl
 from alsace_ds.models.scorers import encode_views, load_scorer
 
@@ -19,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "alsace_ds" / "train.py"
 
 
-def child_env(cache: Path) -> dict[str, str]:
+def child_env(cache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         DS_ACCELERATOR="cpu",
@@ -28,6 +33,7 @@ def child_env(cache: Path) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         ALSACE_CACHE=str(cache),
     )
+    env.update(extra or {})
     return env
 
 
@@ -57,9 +63,15 @@ def run_cmd(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.C
 
 
 def launch(
-    overrides: list[str], cache: Path, nproc: int = 2, timeout: float = 600
+    overrides: list[str],
+    cache: Path,
+    nproc: int = 2,
+    timeout: float = 600,
+    script: Path = TRAIN,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N alsace_ds/train.py key=value ...``; cleans its shm buffers."""
+    """``deepspeed --num_gpus N alsace_ds/train.py key=value ...`` (or another entry
+    ``script``, with ``env`` added to the ranks' environment); cleans its shm buffers."""
     port = free_port()
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
@@ -67,19 +79,25 @@ def launch(
         str(nproc),
         "--master_port",
         str(port),
-        str(TRAIN),
+        str(script),
         *overrides,
     ]
     try:
-        return run_cmd(cmd, child_env(cache), timeout)
+        return run_cmd(cmd, child_env(cache, env), timeout)
     finally:
         for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
             f.unlink(missing_ok=True)
 
 
-def run_single(overrides: list[str], cache: Path, timeout: float = 600):
+def run_single(
+    overrides: list[str],
+    cache: Path,
+    timeout: float = 600,
+    script: Path = TRAIN,
+    env: dict[str, str] | None = None,
+):
     """The same entry point as one plain process (world size 1)."""
-    return run_cmd([sys.executable, str(TRAIN), *overrides], child_env(cache), timeout)
+    return run_cmd([sys.executable, str(script), *overrides], child_env(cache, env), timeout)
 
 
 @torch.no_grad()
@@ -92,12 +110,15 @@ def recompute_probs(
     words,
     max_length: int,
     dtype: torch.dtype = torch.float32,
+    max_examples: int | None = None,
 ):
     """``[N, T, C]`` label distributions of every view, one process, no DeepSpeed. The
     weights load in fp32 (what the run exports); ``dtype`` bf16 computes under
     ``torch.autocast`` as the run does (bf16 predictions are not fp32 predictions)."""
     scorer, tok, _ = load_scorer(family, model_dir, len(labels), label_words=words)
-    corpus = load_parallel_jsonl(corpus_path, languages, labels, require_label=False)
+    corpus = load_parallel_jsonl(
+        corpus_path, languages, labels, require_label=False, max_examples=max_examples
+    )
     out = torch.empty(len(corpus), len(languages), len(labels))
     low = dtype != torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
@@ -107,3 +128,128 @@ def recompute_probs(
                 enc = encode_views(tok, views[i : i + 256], max_length)
                 out[i : i + 256, t] = torch.softmax(scorer(**enc).float(), dim=-1)
     return out, corpus
+
+
+# ----------------------------------------------------------------------------- what a run did
+
+
+def stage0_used(run_dir: Path, stdout: str) -> Path:
+    """The stage-0 model folder that selection, the evaluation before and distillation started
+    from, as the run records it: ``stage0/best`` when the run kept a best model
+    (``stage0.keep_best`` with dev checks: BestKeeper's ``stage0/best.json``, copied into
+    report.json as ``stage0_start``), else ``stage0/model``; the console line must agree."""
+    report = json.loads((run_dir / "report.json").read_text())
+    best = run_dir / "stage0" / "best.json"
+    if report["stage0_start"] is not None:
+        assert report["stage0_start"] == json.loads(best.read_text()), report["stage0_start"]
+        folder = run_dir / "stage0" / "best"
+    else:
+        assert not best.exists(), "a best stage-0 model was kept but report.json has none"
+        folder = run_dir / "stage0" / "model"
+    said = re.findall(r"distill starts from (\S+)", stdout)
+    assert said == [str(folder)], (said, str(folder))
+    assert (folder / "config.json").is_file()
+    return folder
+
+
+def recompute_for(run_dir: Path, model_dir: Path, corpus_key: str):
+    """(config, ``[N, T, C]`` probabilities, corpus) of ``model_dir`` on the run's
+    ``task.<corpus_key>`` file, recomputed in this process (the run's compute dtype)."""
+    cfg = load_config(run_dir / "config.yaml")
+    t = cfg.task
+    words = (cfg.model.label_words or t.labels) if cfg.model.family == "mt5" else None
+    probs, corpus = recompute_probs(
+        model_dir,
+        cfg.model.family,
+        getattr(t, corpus_key),
+        t.languages,
+        t.labels,
+        words,
+        cfg.model.max_length,
+        {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.resolved_dtype],
+        t.max_unlabeled if corpus_key == "unlabeled_file" else None,  # the run's first N
+    )
+    return cfg, probs, corpus
+
+
+def accuracy(probs: torch.Tensor, corpus, languages) -> dict[str, float]:
+    labels = corpus.labels()
+    pred = probs.argmax(-1)  # [N, T]
+    return {
+        lang: 100.0 * float((pred[:, t] == labels).double().mean())
+        for t, lang in enumerate(languages)
+    }
+
+
+def naive_selection(probs: torch.Tensor, languages, threshold: float | None = None) -> dict:
+    """Teacher selection written out from METHOD.md (stage 1) with plain Python loops, not the
+    package's code: per-view argmax and majority vote (ties: the smallest label), s_t = mean
+    probability of the pseudo-label, shat = softmax(s), teachers = shat >= theta (1/T unless
+    given; relative tolerance 1e-9 as documented)."""
+    p = probs.double().tolist()  # [N][T][C]
+    N, T = len(p), len(languages)
+
+    def first_max(row):
+        return max(range(len(row)), key=lambda c: (row[c], -c))
+
+    yhat = [[first_max(p[i][t]) for t in range(T)] for i in range(N)]
+    pseudo = []
+    for i in range(N):
+        votes = [yhat[i].count(c) for c in range(len(p[i][0]))]
+        pseudo.append(first_max(votes))
+    s = [sum(p[i][t][pseudo[i]] for i in range(N)) / N for t in range(T)]
+    agreement = [sum(yhat[i][t] == pseudo[i] for i in range(N)) / N for t in range(T)]
+    z = sum(math.exp(x) for x in s)
+    shat = [math.exp(x) / z for x in s]
+    theta = threshold if threshold is not None else sum(shat) / T
+    teachers = [x for x, v in zip(languages, shat, strict=True) if v >= theta * (1 - 1e-9)]
+    return {"teachers": teachers, "students": [x for x in languages if x not in teachers],
+            "s_t": s, "shat_t": shat, "agreement": agreement, "threshold": theta}  # fmt: skip
+
+
+def check_selection(
+    run_dir: Path, model_dir: Path, tol: float = 1e-5, agreement_tol: float = 1e-6
+) -> dict:
+    """selection.json (and report.json's roles) == :func:`naive_selection` of ``model_dir``'s
+    predictions on every view, recomputed in one process. ``tol``: on s_t (shat_t gets a
+    tenth of it); ``agreement_tol``: on each language's share of views agreeing with the
+    pseudo-label (fp32: the same predictions; bf16: a near tie may flip)."""
+    cfg, probs, corpus = recompute_for(run_dir, model_dir, "unlabeled_file")
+    sel = json.loads((run_dir / "selection.json").read_text())
+    ref = naive_selection(probs, cfg.task.languages, cfg.selection.threshold)
+    assert (sel["teachers"], sel["students"]) == (ref["teachers"], ref["students"]), (sel, ref)
+    assert ref["teachers"] and ref["students"]  # a real vote: neither side empty
+    if cfg.selection.teachers is None:
+        assert (sel["teachers_used"], sel["students_used"]) == (ref["teachers"], ref["students"])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert (report["teachers"], report["students"]) == (sel["teachers_used"], sel["students_used"])
+    assert sel["num_examples"] == len(corpus)
+    assert sel["threshold"] == pytest.approx(ref["threshold"], rel=1e-9)
+    for t, lang in enumerate(cfg.task.languages):
+        row = sel["languages"][lang]
+        assert row["s_t"] == pytest.approx(ref["s_t"][t], abs=tol), lang
+        assert row["shat_t"] == pytest.approx(ref["shat_t"][t], abs=tol / 10), lang
+        assert row["agreement"] == pytest.approx(ref["agreement"][t], abs=agreement_tol), lang
+    return sel
+
+
+def check_report(
+    run_dir: Path, before_dir: Path, after_dir: Path | None, tol: float = 1e-9
+) -> dict:
+    """report.json's accuracies and gaps before/after == a one-process evaluation of the
+    models the run started from and exported, on the whole test file. ``tol`` in points
+    (fp32: the same predictions; bf16 near-ties may flip with the batch shapes)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    for when, model in (("before", before_dir), ("after", after_dir)):
+        if model is None:
+            assert report[when] is None
+            continue
+        cfg, probs, corpus = recompute_for(run_dir, model, "test_file")
+        acc = accuracy(probs, corpus, cfg.task.languages)
+        assert report[when]["accuracy"] == pytest.approx(acc, abs=tol), (when, acc)
+        assert report["num_test_examples"] == len(corpus)
+        en = cfg.task.english
+        for lang in cfg.task.languages if en is not None else []:
+            gap = acc[en] - acc[lang]
+            assert report[when]["gap"][lang] == pytest.approx(gap, abs=2 * tol), (when, lang)
+    return report

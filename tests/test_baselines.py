@@ -9,8 +9,9 @@ import re
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from _launch import run_single
+from _launch import check_report, recompute_for, run_single, stage0_used
 from alsace_ds.method.selection import most_confident
 from alsace_ds.tools.real import run_seed, summarize
 
@@ -27,10 +28,15 @@ def test_most_confident_half_against_naive_sort():
 
 
 def test_english_self_training_run(tmp_path, cache):
+    """Table 4's English self-training through the real entry point, against one process: its
+    first loss is the cross-entropy of the model it started from on the most confident half
+    of that model's English pseudo-labels (a wrong label, language, half or start changes
+    it), and the model it reports after training is the one it exported."""
     out = tmp_path / "st"
     res = run_single(
         [f"run.output_dir={out}", "stage0.epochs=2", "distill.method=english_self_training",
-         "distill.max_steps=4", "distill.lr=1e-4", "log.progress=false"],
+         "distill.max_steps=4", "distill.lr=1e-4", "distill.micro_batch=250",
+         "model.dropout=0.0", "run.log_every=1", "log.progress=false"],
         cache,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-4000:]
@@ -38,8 +44,26 @@ def test_english_self_training_run(tmp_path, cache):
     assert m and (int(m[1]), int(m[2])) == (250, 500)
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "english_self_training"
-    assert report["after"]["accuracy"] != report["before"]["accuracy"]  # it trained
     assert [c["step"] for c in report["guard"]["checks"]][0] == 0  # the guard watched it too
+    assert report["guard"]["final_from"] == "last step"  # the trained model, not rolled back
+    # The pseudo-labels, recomputed: the start model's English predictions on the unlabeled
+    # corpus, the 250 most confident by a naive sort (ties: the earlier example).
+    start = stage0_used(out, res.stdout)
+    cfg, probs, _ = recompute_for(out, start, "unlabeled_file")
+    english = probs[:, cfg.task.languages.index(cfg.task.english)].double()  # [500, C]
+    top, label = english.max(-1)
+    kept = sorted(sorted(range(len(top)), key=lambda i: (-float(top[i]), i))[:250])
+    # One micro-batch holds all 250 (in any order), so step 1 is their mean cross-entropy at
+    # the start weights (no dropout).
+    first = -float(torch.stack([english[i, label[i]].log() for i in kept]).mean())
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    losses = {e.step: e.value for e in acc.Scalars("distill/train/loss")}
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert losses[1] == pytest.approx(first, rel=1e-4), (losses, first)
+    assert losses[4] < losses[1]  # it trained on them
+    report = check_report(out, start, out / "final" / "model")
+    assert report["after"]["accuracy"] != report["before"]["accuracy"]
 
 
 def _report(before_acc, after_acc, teachers):

@@ -1,7 +1,8 @@
 """A rank killed with SIGKILL in the middle of self-distillation makes the job FAIL (non-zero
 exit, a message naming the dead process) within a bounded time instead of hanging on a
-collective; nothing is left running, no /dev/shm buffer is left behind, and the run directory
-holds no half-written outputs.
+collective; nothing is left running, no /dev/shm buffer but the killed rank's own is left
+behind (and no live process holds it), and the run directory holds no half-written outputs;
+all seen before the test cleans up.
 
 Both launchers: ``deepspeed`` (its per-node ``launch.py`` watches the ranks) and ``torchrun``
 (the elastic agent watches them).
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from _launch import ROOT, TRAIN, child_env, free_port
+from alsace_ds.tools.shm_cleanup import _mapped_paths
 
 KILL_TO_EXIT_S = 90  # bound on: SIGKILL of rank 1 -> launcher exited
 START_TIMEOUT_S = 420  # launcher start -> "distill: self-distillation" (loaded 2-core CI box)
@@ -116,6 +118,7 @@ def test_sigkilled_rank_fails_the_job_without_hanging(launcher, tmp_path, cache)
         time.sleep(3)  # into the distillation steps (forward/backward/all-reduce)
         victim = _rank_pid(run_dir, launcher, 1)
         assert proc.poll() is None, "the job ended before the kill"
+        shm_running = _shm_buffers(port)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         try:
@@ -126,6 +129,14 @@ def test_sigkilled_rank_fails_the_job_without_hanging(launcher, tmp_path, cache)
                 f"SIGKILLed (hang):\n{log.read_text(errors='replace')[-5000:]}"
             ) from None
         took = time.monotonic() - killed_at
+        # What the job left behind, seen BEFORE this test cleans anything up: the launcher
+        # has exited; give the kernel a moment to reap its ranks.
+        end = time.monotonic() + 10
+        while _pids_mentioning(str(run_dir)) and time.monotonic() < end:
+            time.sleep(0.2)
+        left_running = _pids_mentioning(str(run_dir))
+        shm_left = _shm_buffers(port)
+        shm_held = {p for p in shm_left if str(p) in _mapped_paths()}
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # nothing of ours may outlive the test
@@ -154,13 +165,19 @@ def test_sigkilled_rank_fails_the_job_without_hanging(launcher, tmp_path, cache)
         assert rc == 1, rc
     assert "exits successfully" not in text
 
-    # nothing left running: neither the ranks nor the launcher (give the kernel a moment)
-    end = time.monotonic() + 10
-    while _pids_mentioning(str(run_dir)) and time.monotonic() < end:
-        time.sleep(0.2)
-    assert _pids_mentioning(str(run_dir)) == []
-
-    assert _shm_buffers(port) == []
+    # nothing left running: neither the ranks nor the launcher
+    assert left_running == [], left_running
+    # /dev/shm as the job left it: under deepspeed each rank maps a DeepSpeed CPU all-reduce
+    # buffer (named ..._<port>_<rank>); the surviving rank 0 unlinked its own on the way out
+    # (train.py's release), the SIGKILLed rank 1 could not, and no live process holds that
+    # leftover (so `make clean-shm` removes it). torchrun does not set LOCAL_SIZE: no buffers.
+    names = [p.name.rsplit("_", 2)[1:] for p in shm_running]
+    if launcher == "deepspeed":
+        assert names == [[str(port), "0"], [str(port), "1"]], shm_running
+        assert shm_left == [shm_running[1]], shm_left
+        assert not shm_held, shm_held
+    else:
+        assert shm_running == shm_left == [], (shm_running, shm_left)
 
     # no half-written outputs: a committed checkpoint only, no report
     latest = run_dir / "checkpoints" / "distill" / "latest"

@@ -69,7 +69,17 @@ def test_guard_decisions():
     assert "English dev accuracy 87.90 < start 90.00 - 2" in v["problems"][0]
     assert g.check(_m(89, 0.7, 95), 6)["problems"][0].startswith("en: mean-prediction entropy")
     assert g.check(_m(89, 0.7, 95), 6)["stop"] is True  # third unhealthy in a row (patience 2)
-    assert g.best_step == 2
+    # the kept check, the streak, and every check recorded with its verdict (what
+    # distill_guard.json, report.json's guard table and a resume read)
+    assert (g.best_step, g.bad_streak) == (2, 3)
+    assert [(c["step"], c["healthy"], c["improved"], c["stop"]) for c in g.history] == [
+        (0, True, True, False),
+        (2, True, True, False),
+        (4, False, False, False),
+        (6, False, False, True),  # the second unhealthy in a row reaches patience 2
+        (6, False, False, True),
+    ]
+    assert g.history[2]["english_accuracy"] == 87.9 and g.history[2]["problems"] == v["problems"]
     # the latest healthy check is kept even when its consistency is lower
     k = Guard()
     k.check(_m(90, 1.5, 80), 0)
@@ -87,9 +97,19 @@ def test_guard_decisions():
     off = Guard(min_agreement=0.0)
     off.check(_m(90, 1.5, 80), 0)
     assert off.check(drift, 5)["healthy"]
-    h = Guard()
+    # a guard restored from the saved state (a resume) decides as the original would
+    h = Guard(max_en_drop=2.0, min_entropy_ratio=0.5, patience=2)
     h.load(json.loads(json.dumps(g.state())))
-    assert (h.best_step, h.bad_streak, h.start) == (2, g.bad_streak, g.start)
+    assert (h.best_step, h.bad_streak, h.start) == (2, 3, g.start)
+    assert h.history == g.history
+    worse = _m(87.5, 1.2, 90)  # unhealthy against the RESTORED start (90 - 2), streak 3 -> 4
+    want = {"healthy": False, "improved": False, "stop": True,
+            "problems": ["English dev accuracy 87.50 < start 90.00 - 2"]}  # fmt: skip
+    assert h.check(worse, 8) == g.check(worse, 8) == want
+    fine = _m(89, 1.2, 90)
+    assert h.check(fine, 10) == g.check(fine, 10) == {**want, "healthy": True, "improved": True,
+                                                        "stop": False, "problems": []}  # fmt: skip
+    assert (h.best_step, h.bad_streak) == (g.best_step, g.bad_streak) == (10, 0)
 
 
 def test_guard_loads_the_state_of_older_checkpoints():

@@ -83,11 +83,30 @@ def test_mt5_logits_match_full_model_and_generate(tiny_dirs):
 
 
 def test_xlmr_logits_match_full_model(tiny_dirs):
-    scorer, tok, _ = _load("xlmr", tiny_dirs["xlmr"])
-    batch = encode_views(tok, TEXTS, 32)
+    """The classifier's logits against two computations that do not go through load_scorer:
+    the checkpoint loaded on its own by transformers (its sequence-classification forward),
+    and the RoBERTa head by hand (dense -> tanh -> out_proj on the <s> state) on the bare
+    encoder's output, with the head's weights read from the saved file."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tiny_dirs["xlmr"]
+    scorer, tok, _ = _load("xlmr", path)
     with torch.no_grad():
-        ref = scorer.hf_model(**batch).logits
-        torch.testing.assert_close(scorer(**batch), ref, rtol=0, atol=0)
+        got = scorer(**encode_views(tok, TEXTS, 32))
+    ref_tok = AutoTokenizer.from_pretrained(path)
+    enc = ref_tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        full = AutoModelForSequenceClassification.from_pretrained(path).eval()(**enc).logits
+        hidden = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()(**enc)
+        w = load_file(path / "model.safetensors")
+        cls = hidden.last_hidden_state[:, 0]  # the <s> token
+        dense = torch.tanh(cls @ w["classifier.dense.weight"].T + w["classifier.dense.bias"])
+        by_hand = dense @ w["classifier.out_proj.weight"].T + w["classifier.out_proj.bias"]
+    assert got.shape == (3, 3)
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, by_hand, rtol=0, atol=1e-5)
+    assert float((got[0] - got[1]).abs().max()) > 1e-4  # texts differ far beyond the tolerance
 
 
 @pytest.mark.parametrize("family", ["xlmr", "mt5"])

@@ -3,14 +3,13 @@ DeepSpeed's auto_mpi_discovery (the alternative to the deepspeed/torchrun launch
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 
 import pytest
 
 from _dist_helpers import free_port
-from _launch import TRAIN, child_env, run_cmd
+from _launch import TRAIN, check_report, check_selection, child_env, run_cmd, stage0_used
 
 
 def test_mpirun_two_ranks(tmp_path, cache):
@@ -27,19 +26,21 @@ def test_mpirun_two_ranks(tmp_path, cache):
     for name in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "ALSACE_CACHE", "PYTHONUNBUFFERED",
                  "MASTER_PORT", "MASTER_ADDR"):  # fmt: skip
         cmd += ["-x", name]
-    cmd += [sys.executable, str(TRAIN), f"run.output_dir={out}", "stage0.max_steps=3"]
+    # one epoch of stage 0 (63 steps): languages that differ, predictions that are not all alike
+    cmd += [sys.executable, str(TRAIN), f"run.output_dir={out}", "stage0.epochs=1"]
     cmd += ["distill.max_steps=2", "log.progress=false", "eval.every_epoch=false"]
     res = run_cmd(cmd, env, timeout=600)
     assert res.returncode == 0, res.stdout[-5000:]
     assert "(ZeRO-2, 2 rank(s))" in res.stdout
     rendezvous = f"rendezvous 127.0.0.2:{env['MASTER_PORT']}"
     assert f"2 rank(s) on cpu (rank 0: cpu), {rendezvous}" in res.stdout
-    report = json.loads((out / "report.json").read_text())
-    sel = json.loads((out / "selection.json").read_text())
-    assert sorted(sel["teachers"] + sel["students"]) == sorted(report["languages"])
+    # what the 2 MPI ranks selected and reported == one process on the same models: the one
+    # distillation started from (no dev checks here, so no best: stage0/model) and the export
+    start = stage0_used(out, res.stdout)
+    assert start == out / "stage0" / "model"
+    sel = check_selection(out, start)
     assert sel["num_examples"] == 500
-    assert all(0 <= a <= 100 for a in report["after"]["accuracy"].values())
-    assert (out / "final" / "model" / "config.json").is_file()
+    check_report(out, start, out / "final" / "model")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,26 +47,41 @@ def local(tmp_path_factory):
         yield repos, models
 
 
+# (micro_batch, grad_accum) per rank for 32 examples per step on `world` ranks, by the preset's
+# micro_batch cap: written out by hand, not recomputed with config.split_batch.
+SPLITS = {
+    4: {1: (4, 8), 2: (4, 4), 4: (4, 2), 8: (4, 1), 16: (2, 1), 32: (1, 1)},
+    2: {1: (2, 16), 2: (2, 8), 4: (2, 4), 8: (2, 2), 16: (2, 1), 32: (1, 1)},
+}
+
+
 def check_world_sizes(cfg) -> None:
     """The presets' batch of 32 examples per optimizer step, exactly, on 1 to 32 ranks (the
     Slurm scripts' default is 2 nodes x 8 GPUs = 16); beyond what the batch can split, a
     clear refusal for stage 0 and view groups for stage 2."""
     batch0, batch2 = cfg.stage0.global_batch, cfg.distill.global_batch
+    assert batch0 == batch2 == 32
     for world in (1, 2, 4, 8, 16, 32):
         w = with_world(cfg, world)
         assert w.distill.view_parallel_size == 1, world
-        for stage, batch in ((w.stage0, batch0), (w.distill, batch2)):
+        caps = (cfg.stage0.micro_batch, cfg.distill.micro_batch)
+        for stage, cap in zip((w.stage0, w.distill), caps, strict=True):
+            # each rank's 32 / world examples in micro-steps of the largest size <= the
+            # preset's cap that divides them (cap 4: 4x8, 4x4, 4x2, 4x1, 2x1, 1x1)
+            want = SPLITS[cap][world]
+            assert (stage.micro_batch, stage.grad_accum) == want, (world, cap, stage)
             ds = build_ds_config(w, stage, world)
-            assert ds["train_batch_size"] == stage.micro_batch * stage.grad_accum * world
-            assert stage.micro_batch * stage.grad_accum * world == batch, (world, stage)
-            assert stage.micro_batch <= 4  # the presets' cap per rank per micro-step
-    # 3 nodes x 8 GPUs: stage 2 splits each example's views over groups of 3 ranks
+            got = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+            assert got == want and ds["train_batch_size"] == 32, (world, ds)
+    # 3 nodes x 8 GPUs: stage 2 splits each example's views over groups of 3 ranks; 8 groups
+    # of 4 examples (DeepSpeed counts every rank: 4 x 1 x 24 = 96 "samples" per step)
     w = with_world(
         dataclasses.replace(cfg, stage0=dataclasses.replace(cfg.stage0, enabled=False)), 24
     )
     assert w.distill.view_parallel_size == 3
-    assert w.distill.micro_batch * w.distill.grad_accum * 24 // 3 == batch2
-    build_ds_config(w, w.distill, 24)
+    assert (w.distill.micro_batch, w.distill.grad_accum) == (4, 1)
+    ds = build_ds_config(w, w.distill, 24)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (4, 96)
     # stage 0 has no view groups: refused, naming what works
     with pytest.raises(ConfigError) as err:
         with_world(cfg, 64)

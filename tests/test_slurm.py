@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from _launch import check_report, check_selection, stage0_used
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
 SCRIPT = ROOT / "slurm" / "alsace_mt5.sh"
@@ -151,7 +153,9 @@ def test_real_tiny_mt5_two_ranks(cluster, tmp_path):
         "ALSACE_CACHE": str(tmp_path / "cache"),
     }
     t0 = time.monotonic()
-    job, out = _submit(tmp_path, env, [*TINY, f"run.output_dir={run_dir}"])
+    # one epoch of stage 0 (63 steps; TINY's 6 leave every view predicting alike, so that
+    # selection and accuracies would say little)
+    job, out = _submit(tmp_path, env, [*TINY, "stage0.max_steps=63", f"run.output_dir={run_dir}"])
     try:
         info = _wait(job, out, 300)
         text = out.read_text() if out.exists() else ""
@@ -162,15 +166,15 @@ def test_real_tiny_mt5_two_ranks(cluster, tmp_path):
     assert "(ZeRO-2, 2 rank(s))" in text, text[-3000:]
 
     report = json.loads((run_dir / "report.json").read_text())
-    sel = json.loads((run_dir / "selection.json").read_text())
     langs = report["languages"]
     assert len(langs) == 7 and report["english"] in langs, report["languages"]
-    assert sorted(sel["teachers"] + sel["students"]) == sorted(langs), sel
-    assert (run_dir / "final" / "model" / "config.json").is_file()
-    for when in ("before", "after"):
-        acc = report[when]["accuracy"]
-        assert set(acc) == set(langs), (when, acc)
-        assert all(0.0 <= a <= 100.0 for a in acc.values()), (when, acc)
+    # what the 2 ranks under srun + torchrun selected and reported == one process on the same
+    # models: the stage-0 model distillation started from (the best by dev accuracy) and the
+    # exported final model (mT5, fp32 compute here)
+    start = stage0_used(run_dir, text)
+    assert start == run_dir / "stage0" / "best"
+    check_selection(run_dir, start)
+    check_report(run_dir, start, run_dir / "final" / "model")
 
 
 def _loss_curve(run_dir: Path) -> dict[int, float]:
