@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_e2e import _accuracy, _probs_and_selection
 
-from _launch import launch
+from _launch import accuracy, launch, recompute_for
 from alsace_ds.config import load_config
 
 FAMILIES = ("xlmr", "mt5")
@@ -132,9 +131,9 @@ def test_zero_config(family, zero, base, cache):
 
     # report.json "after" == one process, no DeepSpeed, from the exported folder
     report = json.loads((out / "report.json").read_text())
-    _, probs, corpus = _probs_and_selection(out, model_dir, "test_file")
+    _, probs, corpus = recompute_for(out, model_dir, "test_file")
     assert cfg.model.family == family
-    acc = _accuracy(probs, corpus, cfg.task.languages)
+    acc = accuracy(probs, corpus, cfg.task.languages)
     assert report["after"]["accuracy"] == pytest.approx(acc, abs=1e-9)
     assert set(report["after"]["accuracy"]) == set(cfg.task.languages)
 
