@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from _launch import check_report, check_selection, launch, run_single, stage0_used
 from alsace_ds.config import load_config
+from alsace_ds.method.stats import avg_accuracy, paired_bootstrap
 
 # Short but real: stage 0 learns the English task, stage 2 runs a few optimizer steps.
 FAST = [
@@ -212,3 +214,31 @@ def test_bf16_at_the_papers_lr_exports_and_evaluates_the_master_update(tmp_path,
     assert got["bound"]["bound"] == pytest.approx(bound) and got["bound"]["cannot_change"]
     assert "## How far training moved the weights" in (out / "report.md").read_text()
     check_report(out, start_dir, out / "final" / "model", tol=0.5)  # bf16 near-ties only
+
+
+def test_saved_predictions_recompute_the_report_and_its_interval(xlmr_run):
+    """predictions/test_{before,after}.safetensors reproduce report.json's accuracies without
+    the model, and the report's after - before interval is the paired bootstrap of them."""
+    out, _ = xlmr_run
+    report = json.loads((out / "report.json").read_text())
+    langs = report["languages"]
+    correct = {}
+    for name in ("before", "after"):
+        saved = load_file(str(out / "predictions" / f"test_{name}.safetensors"))
+        assert saved["probs"].shape == (report["num_test_examples"], len(langs), 3)
+        correct[name] = saved["probs"].argmax(-1) == saved["labels"][:, None]  # [N, T]
+        acc = {
+            lang: 100.0 * float(correct[name][:, t].double().mean()) for t, lang in enumerate(langs)
+        }
+        assert acc == pytest.approx(report[name]["accuracy"], abs=1e-9)
+    iv = report["intervals"]["avg_accuracy"]
+    change = (
+        report["after"]["averages"]["all"]["accuracy"]
+        - report["before"]["averages"]["all"]["accuracy"]
+    )
+    assert iv["delta"] == pytest.approx(change, abs=1e-9)
+    again = paired_bootstrap(correct["before"], correct["after"], avg_accuracy(range(len(langs))),
+                             seed=load_config(out / "config.yaml").run.seed)  # fmt: skip
+    assert (iv["lo"], iv["hi"], iv["covers_zero"]) == (again.lo, again.hi, again.covers_zero)
+    assert iv["lo"] < iv["delta"] < iv["hi"] and iv["draws"] == 2000
+    assert iv["text"] in (out / "report.md").read_text()

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from alsace_ds import parallel
 from alsace_ds.config import Config
@@ -27,8 +28,15 @@ from alsace_ds.engine.schedules import authors_update
 from alsace_ds.engine.trainer import cross_entropy_step, export_hf, plan_steps, release_engine
 from alsace_ds.io import atomic_write_json, atomic_write_text
 from alsace_ds.method.selection import select_from_views
+from alsace_ds.method.stats import avg_accuracy, avg_gap, paired_bootstrap
 from alsace_ds.recipes.callbacks import BestKeeper, DevMonitor, after_dev
-from alsace_ds.recipes.evaluation import evaluate, log_summary, predict_corpus, summary
+from alsace_ds.recipes.evaluation import (
+    evaluate,
+    log_summary,
+    predict_corpus,
+    predictions_path,
+    summary,
+)
 from alsace_ds.recipes.loop import Commits, Movement, StageRun, train_loop
 from alsace_ds.recipes.run import Run, make_engine
 from alsace_ds.recipes.strategies import DISTILL_METHODS, SELECTION_RULES, selection_rule
@@ -44,7 +52,7 @@ def run_alsace(cfg: Config, task: TaskData, ctx: parallel.ParallelContext) -> di
     try:
         source = stage0(run, commits)
         model = StartModel(run, source)  # built once, only if some result below is missing
-        before = _result(run, "before", lambda: model.evaluate("evaluate (before)"))
+        before = _result(run, "before", lambda: model.evaluate("evaluate (before)", "test_before"))
         sel = _result(run, "selection", lambda: run_selection(run, *model.get()))
         roles = sel["teachers_used"], sel["students_used"]
         before = summary(run, _stats_of(before), *roles)
@@ -189,8 +197,8 @@ class StartModel:
                 self.moves = Movement.take(run, "distill", self.engine, run.cfg.distill, total)
         return self.engine, self.tok
 
-    def evaluate(self, desc: str) -> dict:
-        return _stats_json(evaluate(self.run, *self.get(), self.run.task.test, desc))
+    def evaluate(self, desc: str, name: str) -> dict:
+        return _stats_json(evaluate(self.run, *self.get(), self.run.task.test, desc, name))
 
     def replace(self, source: str) -> None:
         """Swap in the model at ``source`` (the guard's best check) for evaluation/export."""
@@ -251,7 +259,7 @@ def distill_and_evaluate(run: Run, commits: Commits, model: StartModel, roles) -
     if best is not None:  # the guard kept an earlier, healthy model: report that one
         run.say(f"distill: the final model is the best healthy check, {best}")
         model.replace(best)
-    after = _result(run, "after", lambda: model.evaluate("evaluate (after)"))
+    after = _result(run, "after", lambda: model.evaluate("evaluate (after)", "test_after"))
     made_by = partial(rundir.write_provenance, cfg=cfg)
     exported = export_hf(*model.get(), run.run_dir / "final" / "model", run.ctx, made_by)
     return {
@@ -306,6 +314,33 @@ def _stage0_record(run: Run, name: str) -> dict | None:
     return json.loads(info.read_text())
 
 
+def _correct(path: Path) -> torch.Tensor:
+    """``[N, T]`` bool: each test example right in each language, from saved predictions."""
+    saved = load_file(str(path))
+    return saved["probs"].argmax(-1) == saved["labels"][:, None]
+
+
+def _intervals(run: Run) -> dict | None:
+    """after - before on the same test examples, with 95% paired bootstrap intervals, for
+    the average accuracy and (with a reference language) the average gap."""
+    paths = [predictions_path(run.run_dir, n) for n in ("test_before", "test_after")]
+    if not all(p.is_file() for p in paths):
+        return None
+    a, b = (_correct(p) for p in paths)
+    langs, en = run.task.languages, run.task.english
+    stats = {"avg_accuracy": avg_accuracy(range(len(langs)))}
+    if en is not None:
+        e = langs.index(en)
+        stats["avg_gap"] = avg_gap(e, [t for t in range(len(langs)) if t != e])
+    out = {}
+    for key, stat in stats.items():
+        iv = paired_bootstrap(a, b, stat, seed=run.cfg.run.seed)
+        unit = " points" if key == "avg_gap" else " points of accuracy"
+        out[key] = {**dataclasses.asdict(iv), "covers_zero": iv.covers_zero,
+                    "text": iv.describe(unit)}  # fmt: skip
+    return out
+
+
 def write_report(run: Run, threshold: float, roles, before, after, final) -> dict:
     cfg = run.cfg
     changes = {"stage0": _stage0_record(run, "param_change.json") if run.ctx.is_main else None}
@@ -315,6 +350,7 @@ def write_report(run: Run, threshold: float, roles, before, after, final) -> dic
         threshold, *roles, before, after,
         guard=final["guard"] if final else None, changes=changes,
         stage0_start=_stage0_record(run, "best.json") if cfg.stage0.keep_best else None,
+        intervals=_intervals(run) if run.ctx.is_main and final is not None else None,
     )  # fmt: skip
     model_name = cfg.model.name_or_path.rstrip("/").split("/")[-1]
     d = cfg.distill

@@ -4,14 +4,17 @@ training stages run (their decisions use English dev accuracy only: no target la
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 from alsace_ds import parallel
 from alsace_ds.data.corpus import ParallelCorpus, View
 from alsace_ds.engine.trainer import predict_probs
+from alsace_ds.io import atomic_write_bytes
 from alsace_ds.method.metrics import accuracy_counts, summarize
 from alsace_ds.recipes.run import Run
 
@@ -51,10 +54,34 @@ def count_stats(run: Run, corpus: ParallelCorpus, idx: torch.Tensor, probs: torc
     return {k: parallel.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
 
 
-def evaluate(run: Run, engine: Any, tok: Any, corpus: ParallelCorpus, desc: str) -> dict:
-    """Reduced per-language sums over all ranks (:func:`count_stats`)."""
+def evaluate(run: Run, engine: Any, tok: Any, corpus: ParallelCorpus, desc: str, name: str) -> dict:
+    """Reduced per-language sums over all ranks (:func:`count_stats`); every example's
+    per-language distribution is kept in ``predictions/<name>.safetensors``."""
     idx, probs = predict_corpus(run, engine, tok, corpus, desc, run.cfg.eval.batch_size)
+    save_predictions(run, name, corpus, idx, probs)
     return count_stats(run, corpus, idx, probs)
+
+
+def predictions_path(run_dir, name: str):
+    return run_dir / "predictions" / f"{name}.safetensors"
+
+
+def save_predictions(
+    run: Run, name: str, corpus: ParallelCorpus, idx: torch.Tensor, probs: torch.Tensor
+) -> None:
+    """``probs`` ``[N, T, C]`` and ``labels`` ``[N]`` of the corpus (languages, ids and file in
+    the metadata), so tables and intervals can be recomputed without the model. Each view
+    was predicted on exactly one rank, so summing the ranks' dense buffers assembles them."""
+    languages = run.task.languages
+    N, T, C = len(corpus), len(languages), probs.shape[-1]
+    dense = torch.zeros(N * T, C, dtype=torch.float32)
+    dense[idx] = probs.float().cpu()
+    dense = parallel.all_reduce_sum(dense, run.ctx)  # [N*T, C], example-major
+    if run.ctx.is_main:
+        tensors = {"probs": dense.view(N, T, C).contiguous(), "labels": corpus.labels()}
+        meta = {"languages": json.dumps(languages), "ids": json.dumps(corpus.ids),
+                "file": str(corpus.path)}  # fmt: skip
+        atomic_write_bytes(predictions_path(run.run_dir, name), safetensors_bytes(tensors, meta))
 
 
 def summary(run: Run, stats: dict, teachers: list[str], students: list[str]) -> dict:

@@ -34,6 +34,17 @@ def guard_markdown(guard: dict, english: str | None) -> str:
     return "\n".join(lines)
 
 
+def intervals_markdown(intervals: dict, n: int) -> str:
+    """after - before in plain words: a change whose interval covers 0 is said to be one."""
+    names = {"avg_accuracy": "average accuracy", "avg_gap": "average gap (smaller is better)"}
+    lines = [f"## After - before on the same {n} test examples", ""]
+    lines += [f"- {names[k]}: {v['text']}" for k, v in intervals.items()]
+    acc = intervals.get("avg_accuracy")
+    if acc is not None and (acc["covers_zero"] or acc["delta"] < 0):
+        lines += ["", "**This run's accuracy gain cannot be told from zero, or is negative.**"]
+    return "\n".join(lines) + "\n"
+
+
 def movement_markdown(changes: dict) -> str:
     """The parameter change of each stage beside what its schedule could do at most."""
     rows = [(k, v) for k, v in changes.items() if v]
@@ -73,6 +84,7 @@ class Outcome:
     guard: dict | None = None  # DevMonitor.summary()
     changes: dict | None = None  # stage -> parameter-change stats
     stage0_start: dict | None = None  # stage0/best.json: the stage-0 model distill started from
+    intervals: dict | None = None  # after - before with paired bootstrap intervals (stats)
 
 
 def render(
@@ -105,6 +117,7 @@ def render(
         "method": method,
         "guard": out.guard,
         "param_change": out.changes or {},
+        "intervals": out.intervals,
         "tables": tables,
     }
     return report, _markdown(task, out, warnings, tables), tables
@@ -127,6 +140,8 @@ def _markdown(task: TaskData, out: Outcome, warnings: list[str], tables: dict) -
         f"\n## Per language (paper Table 2 layout)\n\n{to_markdown(tables['table2'])}"
         f"\n## Students / teachers / all (paper Table 3 layout)\n\n{to_markdown(tables['table3'])}"
     )
+    if out.intervals:
+        md += "\n" + intervals_markdown(out.intervals, len(task.test))
     if warnings:
         md += "\n" + "".join(f"**WARNING**: {w}\n" for w in warnings)
     if out.changes and any(out.changes.values()):
