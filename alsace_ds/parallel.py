@@ -330,6 +330,17 @@ def all_gather_partitions(part: Tensor, numel: int, ctx: ParallelContext) -> Ten
     return torch.cat(parts)[:numel]
 
 
+def assemble_rows(
+    idx: Tensor, rows: Tensor, num_rows: int, ctx: ParallelContext, dtype: torch.dtype
+) -> Tensor:
+    """The whole ``[num_rows, C]`` tensor on every rank from each rank's rows ``rows``
+    ``[R, C]`` at indices ``idx`` ``[R]``: each row is held by exactly one rank (inference
+    deals views out), so the sum of the ranks' zero-filled buffers is the whole."""
+    dense = torch.zeros(num_rows, rows.shape[-1], dtype=dtype)
+    dense[idx] = rows.to(dtype).cpu()
+    return all_reduce_sum(dense, ctx)
+
+
 def _with_view_groups(ctx: ParallelContext, view_size: int) -> ParallelContext:
     """Split the world into groups of ``view_size`` consecutive ranks.
 

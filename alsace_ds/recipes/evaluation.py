@@ -70,13 +70,10 @@ def save_predictions(
     run: Run, name: str, corpus: ParallelCorpus, idx: torch.Tensor, probs: torch.Tensor
 ) -> None:
     """``probs`` ``[N, T, C]`` and ``labels`` ``[N]`` of the corpus (languages, ids and file in
-    the metadata), so tables and intervals can be recomputed without the model. Each view
-    was predicted on exactly one rank, so summing the ranks' dense buffers assembles them."""
+    the metadata), so tables and intervals can be recomputed without the model."""
     languages = run.task.languages
     N, T, C = len(corpus), len(languages), probs.shape[-1]
-    dense = torch.zeros(N * T, C, dtype=torch.float32)
-    dense[idx] = probs.float().cpu()
-    dense = parallel.all_reduce_sum(dense, run.ctx)  # [N*T, C], example-major
+    dense = parallel.assemble_rows(idx, probs, N * T, run.ctx, torch.float32)  # example-major
     if run.ctx.is_main:
         tensors = {"probs": dense.view(N, T, C).contiguous(), "labels": corpus.labels()}
         meta = {"languages": json.dumps(languages), "ids": json.dumps(corpus.ids),

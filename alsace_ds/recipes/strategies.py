@@ -129,10 +129,8 @@ def english_self_training(
         engine, tok, views, ctx, cfg.selection.batch_size, cfg.model.max_length,
         "self-training: pseudo-labels", cfg.log.progress, langs,
     )  # fmt: skip
-    N, C = len(views), task.num_labels
-    dense = torch.zeros(N, C, dtype=torch.float64)
-    dense[idx] = probs.to(torch.float64)
-    dense = parallel.all_reduce_sum(dense, ctx)  # [N, C] on every rank
+    N = len(views)
+    dense = parallel.assemble_rows(idx, probs, N, ctx, torch.float64)  # [N, C] on every rank
     keep, labels = most_confident(dense, 0.5)
     kept = [corpus.examples[i] for i in keep.tolist()]
     run.say(f"self-training: kept the {len(kept)} most confident of {N} English pseudo-labels")
