@@ -1,6 +1,7 @@
 # Quick start (fresh machine, no GPU, no network beyond the package registries):
 #   make run    # sets up .venv, runs the main job on the embedded default (2 CPU ranks)
 #   make test   # sets up .venv, runs the test suite
+#   make experiment  # every ablation, baseline and ensemble of the paper on the embedded task
 #   make real   # the real experiment: e5-small on MultiEmo, 3 seeds + baselines (docs/results.md)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +17,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test real bench gpu-check lint format clean-shm
+.PHONY: setup run test real experiment bench gpu-check lint format clean-shm
 
 $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,16 @@ REAL_ARGS ?=
 real: setup
 	$(PY) -m alsace_ds.tools.real --seeds $(SEEDS) --out $(REAL_OUT) $(REAL_ARGS); \
 	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+
+# The paper's whole experiment (every ablation, baseline and ensemble; alsace_ds/experiment.py)
+# on the embedded task: EXP_SEEDS x every variant (EXP_VARIANTS), one stage-0 model per seed.
+EXP_SEEDS ?= 1 2
+EXP_VARIANTS ?= all
+EXP_OUT ?= runs/experiment
+EXP_ARGS ?=
+experiment: setup
+	$(PY) -m alsace_ds.experiment --config $(CONFIG) --seeds $(EXP_SEEDS) --variants $(EXP_VARIANTS) \
+	  --out $(EXP_OUT) --nproc $(NPROC) $(EXP_ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 
 # The benchmarks of docs/benchmarks.md (real e5-small; BENCH_ARGS e.g. --model tiny).
 BENCH_ARGS ?=

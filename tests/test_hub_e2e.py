@@ -132,7 +132,7 @@ def test_xnli_two_ranks_report_equals_recomputation(xnli, tmp_path, cache, famil
     assert rows == report["tables"]["table2"] and rows[0] == ["model", *LANGS, "avg"]
     assert float(rows[1][-1]) == pytest.approx(sum(before.values()) / 3, abs=0.006)
     t3 = list(csv.reader((out / "table3.csv").open()))
-    assert t3[0] == ["method", "avg(S)", "Δ(S)", "avg(T)", "Δ(T)", "avg(A)", "Δ(A)"]
+    assert t3[0] == ["method", "avg(S)", "Δ(S)", "avg(T)", "Δ(T)", "avg(A)", "Δ(A)", "Δ(A)/|T|"]
     assert [r[0] for r in t3[1:]] == [models[family].name, "ALSACE"]
     assert any("xnli test: kept 24" in n for n in report["data_notes"])
 

@@ -42,9 +42,10 @@ def test_table2_rows_and_gap_change():
 
 def test_table3_groups():
     rows = table3([("base", _summ([9, 7, 5]))])
-    assert rows[0] == ["method", "avg(S)", "Δ(S)", "avg(T)", "Δ(T)", "avg(A)", "Δ(A)"]
-    # students: sw 50 (gap 40); teachers: en 90, fr 70 -> 80 (gap over fr only: 20)
-    assert rows[1] == ["base", "50.00", "40.00", "80.00", "20.00", "70.00", "30.00"]
+    assert rows[0] == ["method", "avg(S)", "Δ(S)", "avg(T)", "Δ(T)", "avg(A)", "Δ(A)", "Δ(A)/|T|"]
+    # students: sw 50 (gap 40); teachers: en 90, fr 70 -> 80 (gap over fr only: 20);
+    # all: gaps 20 + 40 over the 2 non-English languages = 30, over all 3 languages = 20
+    assert rows[1] == ["base", "50.00", "40.00", "80.00", "20.00", "70.00", "30.00", "20.00"]
 
 
 def test_no_english_reference_has_accuracies_only():

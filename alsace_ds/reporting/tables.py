@@ -3,8 +3,10 @@
 - Table 2 layout (per language): columns = the languages then ``avg``; for each model state
   an accuracy row and a Δ row (gap to English; ``\\`` under English, the average gap over the
   non-English languages under ``avg``, with its change in parentheses on the "after" row).
-- Table 3 layout (per group): ``avg(S) Δ(S) avg(T) Δ(T) avg(A) Δ(A)`` for students, teachers,
-  all, one row per model state.
+- Table 3 layout (per group): ``avg(S) Δ(S) avg(T) Δ(T) avg(A) Δ(A) Δ(A)/|T|`` for students,
+  teachers, all, one row per model state. Δ(A) divides the sum of the non-English gaps by
+  their number (paper Tables 2 and 4: ÷14 on XNLI); the paper's Table 3 divides the same sum
+  by all |T| languages (÷15, English's 0 counted): the last column.
 
 Each table is written as Markdown, CSV and JSON rows (the same cells).
 """
@@ -49,13 +51,14 @@ def table3(states: list[tuple[str, dict]]) -> list[list[str]]:
     head = ["method"]
     for short, _ in GROUPS:
         head += [f"avg({short})", f"Δ({short})"]
-    rows = [head]
+    rows = [head + ["Δ(A)/|T|"]]
     for name, summ in states:
         row = [name]
         for _, group in GROUPS:
             avg = summ["averages"][group]
             row += [_num(avg["accuracy"]), _num(avg["gap"])]
-        rows.append(row)
+        gap, T = summ["averages"]["all"]["gap"], len(summ["accuracy"])
+        rows.append(row + [_num(None if gap is None else gap * (T - 1) / T)])
     return rows
 
 
