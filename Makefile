@@ -48,10 +48,11 @@ real: setup
 EXP_SEEDS ?= 1 2
 EXP_VARIANTS ?= all
 EXP_OUT ?= runs/experiment
+EXP_JOBS ?= 1
 EXP_ARGS ?=
 experiment: setup
 	$(PY) -m alsace_ds.experiment --config $(CONFIG) --seeds $(EXP_SEEDS) --variants $(EXP_VARIANTS) \
-	  --out $(EXP_OUT) --nproc $(NPROC) $(EXP_ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+	  --out $(EXP_OUT) --nproc $(NPROC) --jobs $(EXP_JOBS) $(EXP_ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 
 # The benchmarks of docs/benchmarks.md (real e5-small; BENCH_ARGS e.g. --model tiny).
 BENCH_ARGS ?=

@@ -2,7 +2,7 @@
 seeds, with confidence intervals.
 
 ``python -m alsace_ds.experiment --config CONFIG [--seeds 1 2] [--variants all|NAME ...]
-[--out DIR] [--nproc N] [key=value ...]`` (``make experiment``).
+[--out DIR] [--nproc N] [--jobs J] [key=value ...]`` (``make experiment``).
 
 Per seed, with the real entry point under the real launcher (``deepspeed``, ``--nproc``
 ranks):
@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,7 +278,13 @@ def delta_plots(out: Path, deltas: list[dict], titles: dict) -> list[Path]:
 # ----------------------------------------------------------------------------- entry point
 
 
-def parse_args(argv: list[str] | None) -> Plan:
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_args(argv: list[str] | None) -> tuple[Plan, int]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
@@ -285,6 +292,8 @@ def parse_args(argv: list[str] | None) -> Plan:
                     help=f"'all' or some of: {', '.join(VARIANTS)}")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "experiment")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per run")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once (CPU machines: jobs x nproc <= cores)")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args(argv)
     names = list(VARIANTS) if args.variants == ["all"] else args.variants
@@ -293,18 +302,40 @@ def parse_args(argv: list[str] | None) -> Plan:
         ap.error(f"--variants: unknown {unknown}; choose 'all' or some of {list(VARIANTS)}")
     if len(set(args.seeds)) != len(args.seeds):
         ap.error(f"--seeds: repeated seed in {args.seeds}")
+    if args.jobs > 1 and os.environ.get("DS_ACCELERATOR") != "cpu" and _has_gpu():
+        ap.error("--jobs > 1 would share the same GPUs between runs; use --jobs 1 on GPUs")
     names = [n for n in VARIANTS if n in names]  # the paper's order
-    return Plan(args.config.resolve(), args.out.resolve(), tuple(args.seeds), tuple(names),
+    plan = Plan(args.config.resolve(), args.out.resolve(), tuple(args.seeds), tuple(names),
                 args.nproc, tuple(args.overrides))  # fmt: skip
+    return plan, max(1, args.jobs)
 
 
-def run_experiment(plan: Plan) -> dict:
+def run_all(plan: Plan, jobs: int) -> None:
+    """Every seed's stage 0, then its variants (which need that model), ``jobs`` runs at a
+    time; the first failure stops new runs and is raised once the running ones end."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = {pool.submit(ensure_run, plan, seed, "stage0"): seed for seed in plan.seeds}
+        failure = None
+        while pending:
+            done = next(as_completed(pending))
+            seed = pending.pop(done)
+            try:
+                done.result()
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the others
+                failure = failure or err
+                continue
+            if seed is not None and failure is None:
+                pending.update(
+                    {pool.submit(ensure_run, plan, seed, n): None for n in plan.variants}
+                )
+        if failure is not None:
+            raise failure
+
+
+def run_experiment(plan: Plan, jobs: int = 1) -> dict:
     check_configs(plan)
     t0 = time.monotonic()
-    for seed in plan.seeds:
-        ensure_run(plan, seed, "stage0")
-        for name in plan.variants:
-            ensure_run(plan, seed, name)
+    run_all(plan, jobs)
     result = summarize(plan)
     print(f"\nexperiment: {len(plan.variants)} variant(s) x {len(plan.seeds)} seed(s) in "
           f"{time.monotonic() - t0:.0f} s; tables in {plan.out}\n", flush=True)  # fmt: skip
@@ -313,7 +344,7 @@ def run_experiment(plan: Plan) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_experiment(parse_args(argv))
+    run_experiment(*parse_args(argv))
     return 0
 
 
