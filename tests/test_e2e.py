@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import pytest
 import torch
 import yaml
@@ -57,6 +58,18 @@ def test_run_directory_contents(xlmr_run):
     # the resolved config is a valid config that names the real files
     cfg = load_config(out / "config.yaml")
     assert Path(cfg.task.unlabeled_file).is_file() and cfg.model.name_or_path != "embedded"
+    # the figures: PNGs in plots/, linked from report.md, and TensorBoard images
+    names = ["accuracy", "gap", "selection", "guard"]  # English, distill and its guard: all 4
+    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(f"{n}.png" for n in names)
+    md = (out / "report.md").read_text()
+    figures = md[md.index("## Figures") :]
+    assert [f"![{n}](plots/{n}.png)" in figures for n in names] == [True] * 4
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == sorted(f"plots/{n}" for n in names)
+    for n in names:
+        (img,) = events.Images(f"plots/{n}")
+        assert (img.height, img.width) == mpimg.imread(str(out / "plots" / f"{n}.png")).shape[:2]
 
 
 def test_selection_equals_one_process_recomputation(xlmr_run):

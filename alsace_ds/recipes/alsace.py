@@ -40,6 +40,7 @@ from alsace_ds.recipes.evaluation import (
 from alsace_ds.recipes.loop import Commits, Movement, StageRun, train_loop
 from alsace_ds.recipes.run import Run, make_engine
 from alsace_ds.recipes.strategies import DISTILL_METHODS, SELECTION_RULES, selection_rule
+from alsace_ds.reporting import plots
 from alsace_ds.reporting import report as reporting
 from alsace_ds.reporting.tb import TBLogger
 
@@ -359,9 +360,25 @@ def write_report(run: Run, threshold: float, roles, before, after, final) -> dic
     )
     if run.ctx.is_main:
         atomic_write_json(run.run_dir / "report.json", report)
+        md += _figures(run, report)
         atomic_write_text(run.run_dir / "report.md", md)
         for name, text in reporting.csv_files(tables).items():
             atomic_write_text(run.run_dir / name, text)
         print("\n" + md, flush=True)
     parallel.barrier(run.ctx)
     return report
+
+
+def _figures(run: Run, report: dict) -> str:
+    """Rank 0: ``plots/*.png`` for what the run has data for, each also a TensorBoard image
+    (``plots/<name>``); returns report.md's "Figures" section linking them."""
+    sel = run.run_dir / "selection.json"
+    d = run.cfg.distill
+    paths = plots.run_plots(
+        run.run_dir / "plots", report["before"], report["after"], report["teachers"],
+        report["english"], json.loads(sel.read_text()) if sel.is_file() else None,
+        report["guard"], d.guard_max_en_drop, d.guard_min_entropy_ratio, d.guard_min_agreement,
+    )  # fmt: skip
+    for name, path in paths.items():
+        run.tb.image(f"plots/{name}", path, 0)
+    return plots.figures_markdown(paths, run.run_dir)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 
 class TBLogger:
-    """Scalars to ``<run_dir>/tb``; a no-op on every rank but the main one, or when disabled."""
+    """Scalars and images to ``<run_dir>/tb``; a no-op on every rank but the main one, or
+    when disabled."""
 
     def __init__(self, log_dir: str | Path, enabled: bool) -> None:
         self._writer = None
@@ -22,6 +24,17 @@ class TBLogger:
     def scalars(self, prefix: str, values: dict[str, float | None], step: int) -> None:
         for key, value in values.items():
             self.scalar(f"{prefix}/{key}", value, step)
+
+    def image(self, tag: str, png: str | Path, step: int) -> None:
+        """A PNG file as a TensorBoard image (decoded to ``[H, W, 3]`` uint8)."""
+        if self._writer is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(io.BytesIO(Path(png).read_bytes())) as img:
+            pixels = np.asarray(img.convert("RGB"))  # [H, W, 3] uint8
+        self._writer.add_image(tag, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
         if self._writer is not None:
