@@ -92,7 +92,7 @@ def load_seed(seed: int, seed_dir: Path, variants: Sequence[str], english: str |
         after[name] = load_predictions(run / "predictions" / "test_after.safetensors")
     return SeedRuns(
         seed, before.languages, english, sel["teachers_used"], sel["students_used"],
-        [float(x) for x in sel["scores"]], before, after,
+        [float(sel["languages"][x]["shat_t"]) for x in before.languages], before, after,
     )  # fmt: skip
 
 
