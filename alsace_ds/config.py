@@ -164,6 +164,15 @@ class SelectionConfig:
     # Override the vote: "all" = every language a teacher (the paper's no-selection ablation),
     # or an explicit list of language codes. None = teachers chosen by the vote.
     teachers: list[str] | None = None
+    # Registered in alsace_ds.recipes.strategies.SELECTION_RULES: "threshold" (the paper's vote),
+    # "fixed" (= selection.teachers; implied when teachers is set), and the Table 3 ablations
+    # "random" (a run.seed-seeded sample of as many languages as the vote picks) and "scale"
+    # (that many languages with the most pre-training data, from selection.corpus_sizes).
+    rule: str = "threshold"
+    # The per-language pre-training sizes of rule "scale" (alsace_ds.data.pretraining): "auto"
+    # (by model.family: cc100 for xlmr, mc4 for mt5; the synthetic table for the embedded
+    # task), a table name ("cc100", "mc4", "embedded") or a JSON file {language code: size}.
+    corpus_sizes: str = "auto"
 
 
 @dataclass
@@ -602,6 +611,31 @@ def _registry_problems(cfg: Config) -> list[str]:
         value = getattr(cfg.distill, key)
         if value not in table:
             out.append(f"distill.{key}: {value!r} is not one of {list(table)}")
+    out += _selection_rule_problems(cfg.selection)
+    return out
+
+
+def _selection_rule_problems(s: SelectionConfig) -> list[str]:
+    """``selection.rule`` against SELECTION_RULES, with ``selection.teachers``, and a
+    ``selection.corpus_sizes`` that names no table or a file that cannot be read."""
+    from alsace_ds.data.pretraining import TABLES, CorpusSizeError, read_sizes_file
+    from alsace_ds.recipes.strategies import SELECTION_RULES
+
+    out = []
+    if s.rule not in SELECTION_RULES:
+        out.append(f"selection.rule: {s.rule!r} is not one of {list(SELECTION_RULES)}")
+    elif s.teachers is not None and s.rule not in ("threshold", "fixed"):
+        out.append(
+            f"selection.teachers: {s.teachers} fixes the teachers, so selection.rule "
+            f"{s.rule!r} would be ignored; set one of them (selection.teachers means rule 'fixed')"
+        )
+    elif s.teachers is None and s.rule == "fixed":
+        out.append("selection.rule: 'fixed' needs selection.teachers (a list of codes, or [all])")
+    if s.corpus_sizes != "auto" and s.corpus_sizes not in TABLES:
+        try:
+            read_sizes_file(resolve_path(s.corpus_sizes))
+        except CorpusSizeError as exc:
+            out.append(str(exc))
     return out
 
 

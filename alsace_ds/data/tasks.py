@@ -35,6 +35,7 @@ from alsace_ds.config import (
     teacher_problems,
 )
 from alsace_ds.data.corpus import DataError, ParallelCorpus, k_shot, load_parallel_jsonl
+from alsace_ds.data.pretraining import corpus_size_problems
 
 # Hub tasks: the split that feeds each role. Unlabeled and dev are disjoint slices of the
 # validation split, the report uses the test split (the paper's unlabeled data were generated
@@ -482,12 +483,22 @@ def output_dir_problems(cfg: Config, weights: int) -> list[str]:
     return []
 
 
+def selection_rule_problems(cfg: Config) -> list[str]:
+    """Rule ``scale`` ranks the task's resolved languages by pre-training size: each needs one
+    in the table ``selection.corpus_sizes`` chooses (alsace_ds.data.pretraining)."""
+    s = cfg.selection
+    if s.teachers is not None or s.rule != "scale":
+        return []
+    return corpus_size_problems(s.corpus_sizes, cfg.model.family, cfg.task.name, cfg.task.languages)
+
+
 def check_before_training(cfg: Config, data: TaskData) -> None:
     """The checks that need the model's config or the filesystem, every problem at once, before
     any process group exists or anything is written (called by ``alsace_ds.train.main`` after
     :func:`prepare_task`)."""
     problems = model_config_problems(cfg, data.model_source)
     problems += output_dir_problems(cfg, weights_bytes(data.model_source))
+    problems += selection_rule_problems(cfg)
     if problems:
         raise ConfigError(problems, "config")
 

@@ -39,7 +39,7 @@ from alsace_ds.recipes.evaluation import (
 )
 from alsace_ds.recipes.loop import Commits, Movement, StageRun, train_loop
 from alsace_ds.recipes.run import Run, make_engine
-from alsace_ds.recipes.strategies import DISTILL_METHODS, SELECTION_RULES, selection_rule
+from alsace_ds.recipes.strategies import DISTILL_METHODS, apply_selection_rule
 from alsace_ds.reporting import plots
 from alsace_ds.reporting import report as reporting
 from alsace_ds.reporting.tb import TBLogger
@@ -229,15 +229,14 @@ def run_selection(run: Run, engine: Any, tok: Any) -> dict:
         probs, idx // T, idx % T, len(corpus), task.languages,
         threshold=cfg.selection.threshold, reduce=parallel.reducer(ctx),
     )  # fmt: skip
-    rule = selection_rule(cfg.selection)
-    teachers, students = SELECTION_RULES[rule](sel, task.languages, cfg.selection)
+    teachers, students, rule = apply_selection_rule(sel, task.languages, cfg)
     for i, lang in enumerate(task.languages):
         run.tb.scalar(f"selection/s_t/{lang}", float(sel.confidence[i]), 0)
         run.tb.scalar(f"selection/shat_t/{lang}", float(sel.scores[i]), 0)
         run.tb.scalar(f"selection/agreement/{lang}", float(sel.agreement[i]), 0)
     out = sel.to_dict()
     out.update(corpus=corpus.path, override=cfg.selection.teachers, teachers_used=teachers,
-               students_used=students)  # fmt: skip
+               students_used=students, **rule)  # fmt: skip
     if ctx.is_main:
         atomic_write_json(run.run_dir / "selection.json", out)
     run.say(f"selection: theta={sel.threshold:.4f} teachers={teachers} students={students}")

