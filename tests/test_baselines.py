@@ -1,6 +1,6 @@
 """The paper's baselines offered beside ALSACE: English self-training (Table 4) through the real
-entry point, its pseudo-label choice against a naive reference, and the real-experiment
-summary (mean and spread over seeds) on hand-made reports."""
+entry point and its pseudo-label choice against a naive reference (the experiment driver's
+tables over seeds: tests/test_experiment.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from _launch import check_report, recompute_for, run_single, stage0_used
 from alsace_ds.method.selection import most_confident
-from alsace_ds.tools.real import run_seed, summarize
 
 
 def test_most_confident_half_against_naive_sort():
@@ -64,45 +63,3 @@ def test_english_self_training_run(tmp_path, cache):
     assert losses[4] < losses[1]  # it trained on them
     report = check_report(out, start, out / "final" / "model")
     assert report["after"]["accuracy"] != report["before"]["accuracy"]
-
-
-def _report(before_acc, after_acc, teachers):
-    def summ(acc):
-        gap = {k: acc["en"] - v for k, v in acc.items()}
-        mean = sum(acc.values()) / len(acc)
-        return {"accuracy": acc, "gap": gap, "averages": {
-            "all": {"accuracy": mean, "gap": (gap["fr"] + gap["sw"]) / 2},
-            "students": {"accuracy": acc["sw"]}}}  # fmt: skip
-
-    return {"languages": ["en", "fr", "sw"], "english": "en", "teachers": teachers,
-            "before": summ(before_acc), "after": summ(after_acc), "guard": None}  # fmt: skip
-
-
-def test_summary_mean_and_spread_over_seeds(tmp_path):
-    for seed, (b, a) in enumerate([((90, 80, 70), (90, 82, 76)), ((92, 80, 68), (91, 83, 74))]):
-        d = tmp_path / f"seed{seed}" / "alsace"
-        d.mkdir(parents=True)
-        langs = ["en", "fr", "sw"]
-        rep = _report(dict(zip(langs, b, strict=True)), dict(zip(langs, a, strict=True)), ["en"])
-        (d / "report.json").write_text(json.dumps(rep))
-    s = summarize(tmp_path)["alsace"]
-    # avg acc before: 80 and 80; after: 82.67 and 82.67; gaps before 15, 18; after 11, 12.5
-    assert s["before"]["avg_accuracy"]["mean"] == pytest.approx(80.0)
-    assert s["after"]["avg_accuracy"]["mean"] == pytest.approx(248 / 3)
-    assert s["before"]["avg_gap"]["mean"] == pytest.approx(16.5)
-    assert s["before"]["avg_gap"]["sd"] == pytest.approx(2.1213203, abs=1e-6)
-    assert s["delta_avg_gap"]["mean"] == pytest.approx(-4.75)
-    assert s["after"]["accuracy"]["sw"]["mean"] == pytest.approx(75.0)
-    assert s["after"]["students_accuracy"]["mean"] == pytest.approx(75.0)  # sw: 76, 74
-    assert s["after"]["students_accuracy"]["sd"] == pytest.approx(2**0.5)
-    assert s["after"]["teachers_accuracy"] is None  # the hand-made reports have no such group
-    assert s["after"]["gap"]["fr"]["mean"] == pytest.approx(8.0)  # 90-82, 91-83
-    md = (tmp_path / "summary.md").read_text()
-    assert "| alsace | 2 |" in md
-    assert "| after alsace (2 seeds) | 90.50 ± 0.71 | 82.50 ± 0.71 |" in md
-
-
-def test_baseline_without_its_seeds_stage0_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="needs the stage-0 model of seed 7's alsace run"):
-        run_seed(7, tmp_path, [], [], 2, ["no_selection"])
-    assert not (tmp_path / "seed7" / "no_selection.log").exists()  # nothing was launched
