@@ -180,3 +180,8 @@ def test_full_self_training_run(tmp_path, cache):
     assert losses[3] < losses[1]  # it trained on them
     report = check_report(out, start, out / "final" / "model")
     assert report["method"] == "full_self_training"
+
+
+def test_kept_per_language_counts_an_extra_training_language() -> None:
+    kept = [(0, "fr"), (1, "en"), (2, "fr"), (2, "xx")]
+    assert kept_per_language(kept, ["en", "fr", "sw"]) == {"en": 1, "fr": 2, "sw": 0, "xx": 1}

@@ -4,7 +4,10 @@ languages) -> distill (cross-lingual self-distillation) -> evaluate before and a
 Outputs, all under ``run.output_dir`` and written atomically: ``config.yaml`` (resolved),
 ``selection.json``, ``report.json`` / ``report.md`` / ``table{2,3}.csv``,
 ``checkpoints/<stage>/`` (DeepSpeed), ``stage0/model`` and ``final/model`` (plain Hugging
-Face folders), ``results/`` (finished results an interrupted run reuses) and ``tb/``.
+Face folders), ``predictions/{test,dev}_{before,after}.safetensors`` (every example's
+per-language distributions), ``self_training.json`` (the self-training baselines' kept
+pseudo-labels per language), ``results/`` (finished results an interrupted run reuses) and
+``tb/``.
 """
 
 from __future__ import annotations

@@ -141,10 +141,12 @@ def confident_views(
 
 
 def kept_per_language(kept: list[ViewKey], languages: list[str]) -> dict[str, int]:
-    """How many pseudo-labelled views of each language were kept (0 for none)."""
+    """How many pseudo-labelled views of each language were kept: ``languages`` in order (0
+    for none), then any other language of ``kept`` (English self-training's training
+    language when it is not a task language)."""
     counts = dict.fromkeys(languages, 0)
     for _, lang in kept:
-        counts[lang] += 1
+        counts[lang] = counts.get(lang, 0) + 1
     return counts
 
 
