@@ -195,10 +195,14 @@ class DistillConfig:
     # size that divides the world and leaves a data-parallel world dividing global_batch
     # (e.g. 24 ranks, global_batch 32: 3 -> 8 view groups of 4 examples), else 1.
     view_parallel_size: int | Literal["auto"] = 1
-    # Registered in alsace_ds.method.pairs (PAIR_POLICIES, DIRECTIONS).
+    # Registered in alsace_ds.method.pairs (PAIR_POLICIES, DIRECTIONS). "teachers_only": the
+    # paper's "excluding weak languages from the students" ablation (teacher-teacher pairs).
     pairs: str = "ordered"
     direction: str = "forward"
     detach_teacher: bool = False
+    # False: the paper's "excluding weak languages from the teachers" ablation: no gradient
+    # reaches a teacher's distribution from a pair whose t1 is a student (same loss value).
+    students_teach: bool = True
     # Dev checks: optimizer steps between them (0 = at epoch ends). With eval_every > 0 the
     # checks are at the start, every eval_every steps and at the end, not at epoch ends (a
     # 100-epoch preset would otherwise check 100 times). Each check feeds the collapse guard
@@ -216,9 +220,10 @@ class DistillConfig:
     keep_best: bool = (
         True  # report and export the latest healthy check (see alsace_ds.method.guard)
     )
-    # "alsace" (teacher selection + self-distillation) or the paper's Table 4 baseline
+    # "alsace" (teacher selection + self-distillation) or the paper's Table 4 baselines
     # "english_self_training": pseudo-label the unlabeled English views, keep the most
-    # confident half, fine-tune on them with cross-entropy (same lr/epochs/batch).
+    # confident half, fine-tune on them with cross-entropy (same lr/epochs/batch);
+    # "full_self_training": the same over every language's views together.
     method: str = "alsace"  # registered in alsace_ds.recipes.strategies.DISTILL_METHODS
 
 

@@ -12,8 +12,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_ensemble import naive_predict
 
-from _launch import check_report, check_selection, launch, run_single, stage0_used
+from _launch import (
+    accuracy,
+    check_report,
+    check_selection,
+    launch,
+    recompute_for,
+    run_single,
+    stage0_used,
+)
 from alsace_ds.config import load_config
 from alsace_ds.method.stats import avg_accuracy, paired_bootstrap
 
@@ -231,8 +240,9 @@ def test_bf16_at_the_papers_lr_exports_and_evaluates_the_master_update(tmp_path,
 
 def test_saved_predictions_recompute_the_report_and_its_interval(xlmr_run):
     """predictions/test_{before,after}.safetensors reproduce report.json's accuracies without
-    the model, and the report's after - before interval is the paired bootstrap of them."""
-    out, _ = xlmr_run
+    the model, and the report's after - before interval is the paired bootstrap of them; the
+    test-time ensembles are recomputed from them, and the dev predictions are checked."""
+    out, stdout = xlmr_run
     report = json.loads((out / "report.json").read_text())
     langs = report["languages"]
     correct = {}
@@ -255,3 +265,40 @@ def test_saved_predictions_recompute_the_report_and_its_interval(xlmr_run):
     assert (iv["lo"], iv["hi"], iv["covers_zero"]) == (again.lo, again.hi, again.covers_zero)
     assert iv["lo"] < iv["delta"] < iv["hi"] and iv["draws"] == 2000
     assert iv["text"] in (out / "report.md").read_text()
+    check_ensembles(out, report)
+    check_dev_predictions(out, stage0_used(out, stdout))
+
+
+def check_ensembles(out: Path, report: dict) -> None:
+    """report.json's test-time ensembles == a plain loop over the saved test predictions with
+    the selection's shat_t as weights; report.md shows them."""
+    sel = json.loads((out / "selection.json").read_text())
+    langs = report["languages"]
+    weights = [sel["languages"][x]["shat_t"] for x in langs]
+    md = (out / "report.md").read_text()
+    assert "## Test-time ensembles (paper Figure 4)" in md
+    for name in ("before", "after"):
+        saved = load_file(str(out / "predictions" / f"test_{name}.safetensors"))
+        labels = saved["labels"].tolist()
+        for rule in ("language_weighted", "voted", "english"):
+            pred = naive_predict(saved["probs"].tolist(), rule, weights, langs.index("en"))
+            acc = 100.0 * sum(p == y for p, y in zip(pred, labels, strict=True)) / len(labels)
+            assert report["ensembles"][name][rule] == pytest.approx(acc, abs=1e-9), (name, rule)
+            assert f"{acc:.2f}" in md
+
+
+def check_dev_predictions(out: Path, start: Path) -> None:
+    """predictions/dev_{before,after}.safetensors: every dev example in every language, the
+    dev labels, and argmax accuracies equal to a one-process evaluation of the start and
+    the final model on the dev file, and to the run's own all-reduced counts."""
+    for name, model in (("before", start), ("after", out / "final" / "model")):
+        saved = load_file(str(out / "predictions" / f"dev_{name}.safetensors"))
+        cfg, probs, corpus = recompute_for(out, model, "dev_file")
+        langs = cfg.task.languages
+        assert saved["probs"].shape == (len(corpus), len(langs), 3) == probs.shape
+        assert torch.equal(saved["labels"], corpus.labels())
+        counts = json.loads((out / "results" / f"dev_{name}.json").read_text())
+        correct = saved["probs"].argmax(-1) == saved["labels"][:, None]  # [N, T]
+        assert correct.sum(0).tolist() == counts["correct"]
+        acc = {x: 100.0 * float(correct[:, t].double().mean()) for t, x in enumerate(langs)}
+        assert acc == pytest.approx(accuracy(probs, corpus, langs), abs=1e-9), name

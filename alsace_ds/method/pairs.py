@@ -22,8 +22,18 @@ Options (defaults first). Pair policies and directions are registries
   ``"reverse"``: KL(P_t2 || P_t1). The authors' ``KLDivLoss(log_softmax(l1),
   log_softmax(l2), log_target=True)`` on the pair (a, b) computes KL(P_b || P_a), i.e.
   "forward" here with their (earlier = teacher side) convention.
+- ``pairs="teachers_only"`` (the paper's "excluding weak languages from the students"
+  ablation, our exact definition): every ordered pair (t1, t2) with BOTH t1 and t2 teachers,
+  t1 != t2. The weak languages (the selection's students) get no loss at all; they move only
+  through the shared weights. With fewer than 2 teachers there is no pair and the loss is a
+  connected zero.
 - ``detach_teacher=False`` (the authors' code): gradients flow through both sides.
   ``True`` stops gradients through the t2 (teacher) side; the value is unchanged.
+- ``students_teach=True``: as the pairs say. ``False`` (the paper's "excluding weak languages
+  from the teachers" ablation, our exact definition) stops gradients through the t2
+  (teacher) side of every pair whose t1 is a student: a weak language learns from the
+  teachers, but no gradient from a weak language's distribution ever reaches a teacher.
+  Teacher-teacher pairs are unchanged, and so is the loss value; only gradients differ.
 
 The loss is computed in float32 at least (bf16/fp16 inputs are upcast). Log-probabilities
 must be finite (log-softmax of finite logits always is); a ``-inf`` entry would give
@@ -66,7 +76,17 @@ def unordered_pairs(num: int, teachers: set[int]) -> list[tuple[int, int]]:
     return out
 
 
-PAIR_POLICIES: dict[str, PairPolicy] = {"ordered": ordered_pairs, "unordered": unordered_pairs}
+def teacher_pairs(num: int, teachers: set[int]) -> list[tuple[int, int]]:
+    """Excluding weak languages from the students: all (t1, t2) with BOTH teachers and
+    t1 != t2, sorted by (t1, t2); empty with fewer than 2 teachers."""
+    return [(t1, t2) for t1, t2 in ordered_pairs(num, teachers) if t1 in teachers]
+
+
+PAIR_POLICIES: dict[str, PairPolicy] = {
+    "ordered": ordered_pairs,
+    "unordered": unordered_pairs,
+    "teachers_only": teacher_pairs,
+}
 
 
 def forward_kl(lp1: Tensor, lp2: Tensor) -> Tensor:
@@ -123,19 +143,24 @@ def build_pairs(
 @lru_cache(maxsize=64)
 def _cached_pairs(
     languages: tuple[str, ...], teachers: tuple[str, ...], pairs: str
-) -> tuple[tuple[int, int], ...]:
-    """``build_pairs`` memoised per (languages, teachers, policy): a training step does no
-    Python work over pairs, only one small host-to-device copy of the index."""
-    return tuple(build_pairs(languages, teachers, pairs))
+) -> tuple[tuple[int, int, bool], ...]:
+    """``build_pairs`` memoised per (languages, teachers, policy), each pair with whether its
+    t1 is a student: a training step does no Python work over pairs, only one small
+    host-to-device copy of the index."""
+    teacher_set = set(teachers)
+    return tuple(
+        (t1, t2, languages[t1] not in teacher_set)
+        for t1, t2 in build_pairs(languages, teachers, pairs)
+    )
 
 
 def _pair_index(
     languages: Sequence[str], teachers: Sequence[str], pairs: str, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """(t1, t2) ``[P]`` long index tensors for the pair set."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(t1, t2) ``[P]`` long index tensors for the pair set, and ``[P]`` bool: t1 a student."""
     pair_list = _cached_pairs(tuple(languages), tuple(teachers), pairs)
-    idx = torch.tensor(pair_list, dtype=torch.long).reshape(-1, 2).to(device)  # [P, 2]
-    return idx[:, 0], idx[:, 1]
+    idx = torch.tensor(pair_list, dtype=torch.long).reshape(-1, 3).to(device)  # [P, 3]
+    return idx[:, 0], idx[:, 1], idx[:, 2].bool()
 
 
 def _prepare(log_probs: Tensor, num_languages: int) -> Tensor:
@@ -159,20 +184,24 @@ def pair_kl_loss(
     pairs: str = "ordered",
     direction: str = "forward",
     detach_teacher: bool = False,
+    students_teach: bool = True,
 ) -> Tensor:
     """Mean KL over all B x P (example, pair) terms (paper Eq. 5 with 1/|Xhat|), 0-dim.
 
     ``log_probs`` ``[B, T, C]`` log-softmax outputs, one forward per view. The result is
     float32 (float64 if the input is float64). With no pair at all (a single language) it is
     a zero still connected to ``log_probs``, so ``backward()`` works and gives zero gradients.
-    See the module docstring for ``pairs``, ``direction`` and ``detach_teacher``.
+    See the module docstring for ``pairs``, ``direction``, ``detach_teacher`` and
+    ``students_teach``.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be {_choices(DIRECTIONS)}, got {direction!r}")
     lp = _prepare(log_probs, len(languages))  # [B, T, C]
-    t1, t2 = _pair_index(languages, teachers, pairs, lp.device)  # [P], [P]
+    t1, t2, student_t1 = _pair_index(languages, teachers, pairs, lp.device)  # [P] x3
     lp_teacher = lp[:, t2]  # [B, P, C]
     if detach_teacher:
         lp_teacher = lp_teacher.detach()
+    elif not students_teach:  # the teacher side of (student, teacher) pairs takes no gradient
+        lp_teacher = torch.where(student_t1[None, :, None], lp_teacher.detach(), lp_teacher)
     kl = DIRECTIONS[direction](lp[:, t1], lp_teacher)  # [B, P]
     return kl.sum() / max(kl.numel(), 1)

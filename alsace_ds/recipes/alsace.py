@@ -4,7 +4,10 @@ languages) -> distill (cross-lingual self-distillation) -> evaluate before and a
 Outputs, all under ``run.output_dir`` and written atomically: ``config.yaml`` (resolved),
 ``selection.json``, ``report.json`` / ``report.md`` / ``table{2,3}.csv``,
 ``checkpoints/<stage>/`` (DeepSpeed), ``stage0/model`` and ``final/model`` (plain Hugging
-Face folders), ``results/`` (finished results an interrupted run reuses) and ``tb/``.
+Face folders), ``predictions/{test,dev}_{before,after}.safetensors`` (every example's
+per-language distributions), ``self_training.json`` (the self-training baselines' kept
+pseudo-labels per language), ``results/`` (finished results an interrupted run reuses) and
+``tb/``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from safetensors.torch import load_file
 
 from alsace_ds import parallel
 from alsace_ds.config import Config
+from alsace_ds.data.corpus import ParallelCorpus
 from alsace_ds.data.tasks import TaskData
 from alsace_ds.engine import checkpoint, rundir
 from alsace_ds.engine.schedules import authors_update
 from alsace_ds.engine.trainer import cross_entropy_step, export_hf, plan_steps, release_engine
 from alsace_ds.io import atomic_write_json, atomic_write_text
+from alsace_ds.method.ensemble import ensemble_accuracies
 from alsace_ds.method.selection import select_from_views
 from alsace_ds.method.stats import avg_accuracy, avg_gap, paired_bootstrap
 from alsace_ds.recipes.callbacks import BestKeeper, DevMonitor, after_dev
@@ -54,6 +59,7 @@ def run_alsace(cfg: Config, task: TaskData, ctx: parallel.ParallelContext) -> di
         source = stage0(run, commits)
         model = StartModel(run, source)  # built once, only if some result below is missing
         before = _result(run, "before", lambda: model.evaluate("evaluate (before)", "test_before"))
+        dev_predictions(run, model, "before")
         sel = _result(run, "selection", lambda: run_selection(run, *model.get()))
         roles = sel["teachers_used"], sel["students_used"]
         before = summary(run, _stats_of(before), *roles)
@@ -198,8 +204,11 @@ class StartModel:
                 self.moves = Movement.take(run, "distill", self.engine, run.cfg.distill, total)
         return self.engine, self.tok
 
-    def evaluate(self, desc: str, name: str) -> dict:
-        return _stats_json(evaluate(self.run, *self.get(), self.run.task.test, desc, name))
+    def evaluate(self, desc: str, name: str, corpus: ParallelCorpus | None = None) -> dict:
+        """Per-language sums on ``corpus`` (the test set by default); the predictions are
+        kept in ``predictions/<name>.safetensors``."""
+        corpus = self.run.task.test if corpus is None else corpus
+        return _stats_json(evaluate(self.run, *self.get(), corpus, desc, name))
 
     def replace(self, source: str) -> None:
         """Swap in the model at ``source`` (the guard's best check) for evaluation/export."""
@@ -212,6 +221,16 @@ class StartModel:
         if self.engine is not None:
             release_engine(self.engine)
             self.engine = None
+
+
+def dev_predictions(run: Run, model: StartModel, when: str) -> None:
+    """``predictions/dev_<when>.safetensors`` (every dev example in every language) of the
+    model now in ``model``; its sums kept in ``results/dev_<when>.json`` (a resumed run does
+    not redo them). Nothing without a dev set."""
+    dev = run.task.dev
+    if dev is not None:
+        name = f"dev_{when}"
+        _result(run, name, lambda: model.evaluate(f"evaluate dev ({when})", name, dev))
 
 
 # ----------------------------------------------------------------------------- selection
@@ -260,6 +279,7 @@ def distill_and_evaluate(run: Run, commits: Commits, model: StartModel, roles) -
         run.say(f"distill: the final model is the best healthy check, {best}")
         model.replace(best)
     after = _result(run, "after", lambda: model.evaluate("evaluate (after)", "test_after"))
+    dev_predictions(run, model, "after")
     made_by = partial(rundir.write_provenance, cfg=cfg)
     exported = export_hf(*model.get(), run.run_dir / "final" / "model", run.ctx, made_by)
     return {
@@ -267,7 +287,15 @@ def distill_and_evaluate(run: Run, commits: Commits, model: StartModel, roles) -
         "steps": steps,
         "change": model.moves.report(exported, steps),  # rank 0's; saved by rank 0
         "guard": monitor.summary(best or "last step") if monitor else None,
+        "self_training": _self_training_record(run),
     }
+
+
+def _self_training_record(run: Run) -> dict | None:
+    """``self_training.json`` (kept pseudo-labels per language) when the method wrote one;
+    rank 0's (it wrote it), like the parameter change."""
+    path = run.run_dir / "self_training.json"
+    return json.loads(path.read_text()) if run.ctx.is_main and path.is_file() else None
 
 
 def run_distill(
@@ -341,6 +369,25 @@ def _intervals(run: Run) -> dict | None:
     return out
 
 
+def _ensembles(run: Run, distilled: bool) -> dict | None:
+    """Test accuracy of each test-time ensemble rule (paper Figure 4) before and (when
+    distill ran) after, from the saved test predictions and the selection's shat_t."""
+    sel_path = run.run_dir / "selection.json"
+    names = ("before", "after") if distilled else ("before",)
+    paths = {n: predictions_path(run.run_dir, f"test_{n}") for n in names}
+    if not sel_path.is_file() or not all(p.is_file() for p in paths.values()):
+        return None
+    langs, en = run.task.languages, run.task.english
+    per_lang = json.loads(sel_path.read_text())["languages"]
+    weights = torch.tensor([per_lang[x]["shat_t"] for x in langs], dtype=torch.float64)  # [T]
+    english = langs.index(en) if en is not None else None
+    out = {}
+    for name, path in paths.items():
+        saved = load_file(str(path))  # probs [N, T, C], labels [N]
+        out[name] = ensemble_accuracies(saved["probs"], saved["labels"], weights, english)
+    return out
+
+
 def write_report(run: Run, threshold: float, roles, before, after, final) -> dict:
     cfg = run.cfg
     changes = {"stage0": _stage0_record(run, "param_change.json") if run.ctx.is_main else None}
@@ -351,6 +398,7 @@ def write_report(run: Run, threshold: float, roles, before, after, final) -> dic
         guard=final["guard"] if final else None, changes=changes,
         stage0_start=_stage0_record(run, "best.json") if cfg.stage0.keep_best else None,
         intervals=_intervals(run) if run.ctx.is_main and final is not None else None,
+        ensembles=_ensembles(run, final is not None) if run.ctx.is_main else None,
     )  # fmt: skip
     model_name = cfg.model.name_or_path.rstrip("/").split("/")[-1]
     d = cfg.distill

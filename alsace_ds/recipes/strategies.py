@@ -30,6 +30,7 @@ from alsace_ds.engine.trainer import (
     forward_views,
     predict_probs,
 )
+from alsace_ds.io import atomic_write_json
 from alsace_ds.method.pairs import pair_kl_loss
 from alsace_ds.method.selection import Selection, most_confident
 from alsace_ds.recipes.run import Run
@@ -180,6 +181,7 @@ def self_distillation(
         loss = pair_kl_loss(
             log_probs, langs, teachers,
             pairs=d.pairs, direction=d.direction, detach_teacher=d.detach_teacher,
+            students_teach=d.students_teach,
         )  # fmt: skip
         engine.backward(loss)
         engine.step()
@@ -188,40 +190,99 @@ def self_distillation(
     return step, len(examples), plan
 
 
-def english_self_training(
-    run: Run, engine: Any, tok: Any, teachers: list[str], plan: StepPlan
-) -> tuple[Step, int, StepPlan]:
-    """Paper Table 4's English self-training: pseudo-label the unlabeled English views with
-    the fine-tuned model, keep the most confident half, cross-entropy on those; the same
-    optimizer steps (compute, lr schedule) as ALSACE, over the kept half."""
+#: One self-training view: (example index in the unlabeled corpus, language code).
+ViewKey = tuple[int, str]
+
+
+def confident_views(
+    run: Run, engine: Any, tok: Any, keys: list[ViewKey]
+) -> tuple[list[ViewKey], torch.Tensor]:
+    """Self-training's pseudo-labels (paper Table 4): the start model's label distribution
+    of every view in ``keys`` (dealt across ranks, assembled to ``[V, C]`` on every rank),
+    and the most confident half of them over all ``keys`` together (ties: the earlier key).
+    Returns (kept keys in ``keys`` order ``[K]``, their pseudo-labels ``[K]`` long)."""
     task, cfg, ctx = run.task, run.cfg, run.ctx
-    english = task.english or task.train_language
-    corpus = task.unlabeled
-    views = [ex.views[english] for ex in corpus.examples]
-    langs = None if task.label_words is None else [task.lang_id(english)] * len(views)
+    examples = task.unlabeled.examples
+    views = [examples[i].views[lang] for i, lang in keys]
+    langs = None if task.label_words is None else [task.lang_id(lang) for _, lang in keys]
     idx, probs = predict_probs(
         engine, tok, views, ctx, cfg.selection.batch_size, cfg.model.max_length,
         "self-training: pseudo-labels", cfg.log.progress, langs,
     )  # fmt: skip
-    N = len(views)
-    dense = parallel.assemble_rows(idx, probs, N, ctx, torch.float64)  # [N, C] on every rank
-    keep, labels = most_confident(dense, 0.5)
-    kept = [corpus.examples[i] for i in keep.tolist()]
-    run.say(f"self-training: kept the {len(kept)} most confident of {N} English pseudo-labels")
+    dense = parallel.assemble_rows(idx, probs, len(keys), ctx, torch.float64)  # [V, C]
+    keep, labels = most_confident(dense, 0.5)  # [K], [K]
+    return [keys[i] for i in keep.tolist()], labels
+
+
+def kept_per_language(kept: list[ViewKey], languages: list[str]) -> dict[str, int]:
+    """How many pseudo-labelled views of each language were kept: ``languages`` in order (0
+    for none), then any other language of ``kept`` (English self-training's training
+    language when it is not a task language)."""
+    counts = dict.fromkeys(languages, 0)
+    for _, lang in kept:
+        counts[lang] = counts.get(lang, 0) + 1
+    return counts
+
+
+def self_training(
+    run: Run, engine: Any, tok: Any, keys: list[ViewKey], plan: StepPlan
+) -> tuple[Step, int, StepPlan, list[ViewKey]]:
+    """Cross-entropy on the most confident half of ``keys``' pseudo-labels, with the same
+    optimizer steps (compute, lr schedule) as ALSACE: an epoch is one pass over the kept
+    views (``distill.micro_batch`` views per rank per micro-step). Also returns the kept keys.
+    The pseudo-labels' per-language counts are written to ``self_training.json``."""
+    task, cfg, ctx = run.task, run.cfg, run.ctx
+    kept, labels = confident_views(run, engine, tok, keys)
+    examples = task.unlabeled.examples
+    if ctx.is_main:
+        counts = kept_per_language(kept, task.languages)
+        record = {"views": len(keys), "kept": len(kept), "kept_per_language": counts}
+        atomic_write_json(run.run_dir / "self_training.json", record)
 
     def step(batch: list[int]) -> torch.Tensor:
-        views_b = [kept[i].views[english] for i in batch]
-        ids = None if langs is None else langs[: len(batch)]
+        views_b = [examples[kept[i][0]].views[kept[i][1]] for i in batch]
+        ids = None if task.label_words is None else [task.lang_id(kept[i][1]) for i in batch]
         return cross_entropy_step(
             engine, tok, views_b, labels[batch], cfg.model.max_length, ctx.device, ids
         )
 
     d = cfg.distill
     per_epoch = d.grad_accum * -(-len(kept) // (d.micro_batch * ctx.dp_world * d.grad_accum))
-    return step, len(kept), StepPlan(per_epoch, plan.total_micro, plan.grad_accum)
+    return step, len(kept), StepPlan(per_epoch, plan.total_micro, plan.grad_accum), kept
+
+
+def english_self_training(
+    run: Run, engine: Any, tok: Any, teachers: list[str], plan: StepPlan
+) -> tuple[Step, int, StepPlan]:
+    """Paper Table 4's English self-training: pseudo-label the unlabeled English views with
+    the fine-tuned model, keep the most confident half, cross-entropy on those; the same
+    optimizer steps (compute, lr schedule) as ALSACE, over the kept half."""
+    english = run.task.english or run.task.train_language
+    keys = [(i, english) for i in range(len(run.task.unlabeled))]
+    step, n, plan, _ = self_training(run, engine, tok, keys, plan)
+    run.say(f"self-training: kept the {n} most confident of {len(keys)} English pseudo-labels")
+    return step, n, plan
+
+
+def full_self_training(
+    run: Run, engine: Any, tok: Any, teachers: list[str], plan: StepPlan
+) -> tuple[Step, int, StepPlan]:
+    """Paper Table 4's full-language self-training (our exact definition): pseudo-label
+    EVERY language's view of every unlabeled example (N x T views) with the start model,
+    keep the 50% most confident views over all languages together (not per language),
+    cross-entropy on those; the same optimizer steps as ALSACE. The teachers are not used."""
+    langs = run.task.languages
+    keys = [(i, lang) for i in range(len(run.task.unlabeled)) for lang in langs]
+    step, n, plan, kept = self_training(run, engine, tok, keys, plan)
+    counts = kept_per_language(kept, langs)
+    per = ", ".join(f"{lang} {c}" for lang, c in counts.items())
+    run.say(f"self-training: kept the {n} most confident of {len(keys)} pseudo-labels "
+            f"over all languages ({per})")  # fmt: skip
+    return step, n, plan
 
 
 DISTILL_METHODS: dict[str, DistillMethod] = {
     "alsace": DistillMethod("self-distillation", self_distillation),
     "english_self_training": DistillMethod("English self-training", english_self_training),
+    "full_self_training": DistillMethod("full-language self-training", full_self_training),
 }

@@ -45,6 +45,38 @@ def intervals_markdown(intervals: dict, n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+ENSEMBLE_NAMES = {
+    "language_weighted": "language-weighted (votes weighted by shat_t)",
+    "voted": "voted (equal weights)",
+    "english": "English alone",
+}
+
+
+def ensembles_markdown(ensembles: dict, before: dict, after: dict | None, n: int) -> str:
+    """Each test-time ensemble rule's accuracy before / after, and the best single language
+    (of each evaluation, by its own accuracy) for reference."""
+    whens = [w for w in ("before", "after") if ensembles.get(w)]
+    summ = {"before": before, "after": after}
+    lines = [
+        "## Test-time ensembles (paper Figure 4)",
+        "",
+        f"One prediction per test example ({n}) from its language views; accuracy in %.",
+        "",
+        "| rule | " + " | ".join(f"acc {w}" for w in whens) + " |",
+        "|---|" + "---:|" * len(whens),
+    ]
+    for rule in ensembles[whens[0]]:
+        accs = " | ".join(f"{ensembles[w][rule]:.2f}" for w in whens)
+        lines.append(f"| {ENSEMBLE_NAMES.get(rule, rule)} | {accs} |")
+    best = []
+    for w in whens:
+        acc = summ[w]["accuracy"]
+        lang = max(acc, key=lambda x: acc[x])
+        best.append(f"{lang} {acc[lang]:.2f}")
+    lines.append(f"| best single language (reference) | {' | '.join(best)} |")
+    return "\n".join(lines) + "\n"
+
+
 def movement_markdown(changes: dict) -> str:
     """The parameter change of each stage beside what its schedule could do at most."""
     rows = [(k, v) for k, v in changes.items() if v]
@@ -85,6 +117,7 @@ class Outcome:
     changes: dict | None = None  # stage -> parameter-change stats
     stage0_start: dict | None = None  # stage0/best.json: the stage-0 model distill started from
     intervals: dict | None = None  # after - before with paired bootstrap intervals (stats)
+    ensembles: dict | None = None  # {"before"|"after": {rule: test accuracy}} (Figure 4)
 
 
 def render(
@@ -118,6 +151,7 @@ def render(
         "guard": out.guard,
         "param_change": out.changes or {},
         "intervals": out.intervals,
+        "ensembles": out.ensembles,
         "tables": tables,
     }
     return report, _markdown(task, out, warnings, tables), tables
@@ -142,6 +176,8 @@ def _markdown(task: TaskData, out: Outcome, warnings: list[str], tables: dict) -
     )
     if out.intervals:
         md += "\n" + intervals_markdown(out.intervals, len(task.test))
+    if out.ensembles:
+        md += "\n" + ensembles_markdown(out.ensembles, out.before, out.after, len(task.test))
     if warnings:
         md += "\n" + "".join(f"**WARNING**: {w}\n" for w in warnings)
     if out.changes and any(out.changes.values()):
