@@ -142,9 +142,7 @@ def check_configs(plan: Plan) -> None:
 
     problems = []
     for name in ("stage0", *plan.variants):
-        overrides = plan.run_overrides(plan.seeds[0], name)
-        if name != "stage0":  # the stage-0 model need not exist yet
-            overrides = [o for o in overrides if not o.startswith("stage0.init_from=")]
+        overrides = plan.run_overrides(plan.seeds[0], name)  # (the stage-0 model need not exist)
         try:
             load_config(plan.config, overrides)
         except ConfigError as err:

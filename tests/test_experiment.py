@@ -5,6 +5,7 @@ refusals, and every table cell recomputed by the independent tests/recompute_tab
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -141,9 +142,16 @@ def test_driver_runs_every_variant_from_one_stage0_model(experiment):
         assert used.split("=", 1)[1].startswith(str(model))
         assert (seed / name / "report.json").is_file()
     assert not (seed / "random_selection" / "stage0").exists()  # no second stage 0
+    # random selection: the seeded sample (run.seed = 1) of as many languages as the vote picks
     sel = json.loads((seed / "random_selection" / "selection.json").read_text())
     vote = json.loads((seed / "stage0" / "selection.json").read_text())
-    assert len(sel["teachers_used"]) == len(vote["teachers_used"])
+    langs = list(sel["languages"])
+    drawn = set(random.Random(1).sample(langs, len(vote["teachers_used"])))
+    assert (sel["rule"], sel["seed"]) == ("random", 1)
+    assert sel["teachers_used"] == [x for x in langs if x in drawn]
+    assert sel["students_used"] == [x for x in langs if x not in drawn]
+    report = json.loads((seed / "random_selection" / "report.json").read_text())
+    assert (report["teachers"], report["students"]) == (sel["teachers_used"], sel["students_used"])
     result = json.loads((out / "experiment.json").read_text())
     assert list(result["tables"]) == ["table3", "table4"]
     assert [r["run"] for r in result["tables"]["table4"]] == ["stage0", "full_self_training",

@@ -208,25 +208,3 @@ def test_a_bad_sizes_file_is_a_config_error(tmp_path, text, why):
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-def test_random_rule_through_the_entry_point(tmp_path, cache):
-    """One short run (world 1): selection.json records the rule and seed, the teachers used
-    are the seeded sample of the vote's count, and the report's roles are those."""
-    from _launch import run_single
-
-    out = tmp_path / "random"
-    res = run_single(
-        [f"run.output_dir={out}", "run.seed=4", "selection.rule=random", "stage0.max_steps=20",
-         "distill.max_steps=1", "task.max_unlabeled=100", "log.progress=false"],
-        cache,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-4000:]
-    sel = json.loads((out / "selection.json").read_text())
-    langs = list(sel["languages"])
-    drawn = set(random.Random(4).sample(langs, len(sel["teachers"])))
-    assert (sel["rule"], sel["seed"]) == ("random", 4)
-    assert sel["teachers_used"] == [x for x in langs if x in drawn]
-    assert sel["students_used"] == [x for x in langs if x not in drawn]
-    report = json.loads((out / "report.json").read_text())
-    assert (report["teachers"], report["students"]) == (sel["teachers_used"], sel["students_used"])

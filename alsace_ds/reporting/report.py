@@ -120,6 +120,12 @@ class Outcome:
     ensembles: dict | None = None  # {"before"|"after": {rule: test accuracy}} (Figure 4)
 
 
+GAP_DIVISORS = (
+    "Δ(A) is the sum of the non-English gaps divided by their number (paper Tables 2 and 4); "
+    "Δ(A)/|T| divides the same sum by all |T| languages, English's 0 counted (paper Table 3)."
+)
+
+
 def render(
     task: TaskData, model_name: str, method: str, out: Outcome, max_en_drop: float,
     min_entropy_ratio: float,
@@ -172,7 +178,8 @@ def _markdown(task: TaskData, out: Outcome, warnings: list[str], tables: dict) -
         f"students: {', '.join(out.students) or '–'} (theta = {out.threshold:.4f}).\n\n"
         f"{markdown_table(out.before, out.after, roles)}"
         f"\n## Per language (paper Table 2 layout)\n\n{to_markdown(tables['table2'])}"
-        f"\n## Students / teachers / all (paper Table 3 layout)\n\n{to_markdown(tables['table3'])}"
+        f"\n## Students / teachers / all (paper Table 3 layout)\n\n{GAP_DIVISORS}\n\n"
+        f"{to_markdown(tables['table3'])}"
     )
     if out.intervals:
         md += "\n" + intervals_markdown(out.intervals, len(task.test))
