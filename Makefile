@@ -44,15 +44,17 @@ real: setup
 	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 
 # The paper's whole experiment (every ablation, baseline and ensemble; alsace_ds/experiment.py)
-# on the embedded task: EXP_SEEDS x every variant (EXP_VARIANTS), one stage-0 model per seed.
+# on the embedded task: EXP_SEEDS x every variant (EXP_VARIANTS), one stage-0 model per seed;
+# on 2 CPU cores two 1-rank runs at a time (on GPUs: EXP_JOBS=1 EXP_NPROC=<GPUs>).
 EXP_SEEDS ?= 1 2
 EXP_VARIANTS ?= all
 EXP_OUT ?= runs/experiment
-EXP_JOBS ?= 1
+EXP_JOBS ?= 2
+EXP_NPROC ?= 1
 EXP_ARGS ?=
 experiment: setup
 	$(PY) -m alsace_ds.experiment --config $(CONFIG) --seeds $(EXP_SEEDS) --variants $(EXP_VARIANTS) \
-	  --out $(EXP_OUT) --nproc $(NPROC) --jobs $(EXP_JOBS) $(EXP_ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+	  --out $(EXP_OUT) --nproc $(EXP_NPROC) --jobs $(EXP_JOBS) $(EXP_ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 
 # The benchmarks of docs/benchmarks.md (real e5-small; BENCH_ARGS e.g. --model tiny).
 BENCH_ARGS ?=
