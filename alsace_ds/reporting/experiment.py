@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from alsace_ds.method.ensemble import ENSEMBLE_RULES, ensemble_predict
+from alsace_ds.method.ensemble import ENSEMBLE_RULES, ensemble_accuracies
 from alsace_ds.method.stats import Interval, avg_accuracy, avg_gap, paired_bootstrap, seed_bootstrap
 
 GROUP_COLUMNS = ("avg_S", "gap_S", "avg_T", "gap_T", "avg_A", "gap_A", "gap_A_15")
@@ -218,13 +218,9 @@ def ensembles(seeds: Sequence[SeedRuns], after_run: str | None) -> dict:
         for s in seeds:
             pred = s.before if run is None else s.after[run]
             en = s.languages.index(s.english) if s.english in s.languages else None
-            for rule in ENSEMBLE_RULES:
-                if rule == "english" and en is None:
-                    continue
-                guess = ensemble_predict(
-                    pred.probs, rule, weights=torch.tensor(s.scores), english=en
-                )  # [N]
-                per_rule[rule].append(100.0 * float((guess == pred.labels).double().mean()))
+            weights = torch.tensor(s.scores, dtype=torch.float64)  # [T] shat_t
+            for rule, acc in ensemble_accuracies(pred.probs, pred.labels, weights, en).items():
+                per_rule[rule].append(acc)
             acc = 100.0 * pred.correct.double().mean(0)  # [T]
             per_rule["avg"].append(float(acc.mean()))
             per_rule["best"].append(float(acc.max()))
