@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_distill import naive_pairs as distill_pairs
 
 from _launch import check_report, recompute_for, run_single, stage0_used
 from alsace_ds.method.pairs import build_pairs, pair_kl_loss
@@ -22,20 +23,11 @@ TEACHERS = ["fr", "en", "zh"]  # students: de, sw
 
 def naive_pairs(langs: list[str], teachers: list[str], mode: str) -> list[tuple[int, int]]:
     """(t1, t2) from the definitions with plain loops; t2 is the teacher side."""
-    T = len(langs)
     if mode == "teachers_only":
+        T = len(langs)
         return [(i, j) for i in range(T) for j in range(T)
                 if i != j and langs[i] in teachers and langs[j] in teachers]  # fmt: skip
-    if mode == "ordered":
-        return [(i, j) for i in range(T) for j in range(T) if i != j and langs[j] in teachers]
-    out = []
-    for i in range(T):
-        for j in range(i + 1, T):
-            if langs[i] in teachers:
-                out.append((j, i))
-            elif langs[j] in teachers:
-                out.append((i, j))
-    return out
+    return distill_pairs(langs, teachers, mode)  # ordered / unordered: test_distill's loops
 
 
 def naive_loss(
