@@ -51,10 +51,13 @@ EXP_VARIANTS ?= all
 EXP_OUT ?= runs/experiment
 EXP_JOBS ?= 2
 EXP_NPROC ?= 1
+# The batch of `make run`'s 2 ranks (32 examples per optimizer step) on 1-rank runs too, so
+# that the experiment's ALSACE row is the run `make run` makes.
+EXP_BASE ?= stage0.global_batch=32 distill.global_batch=32
 EXP_ARGS ?=
 experiment: setup
 	$(PY) -m alsace_ds.experiment --config $(CONFIG) --seeds $(EXP_SEEDS) --variants $(EXP_VARIANTS) \
-	  --out $(EXP_OUT) --nproc $(EXP_NPROC) --jobs $(EXP_JOBS) $(EXP_ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+	  --out $(EXP_OUT) --nproc $(EXP_NPROC) --jobs $(EXP_JOBS) $(EXP_BASE) $(EXP_ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 
 # The benchmarks of docs/benchmarks.md (real e5-small; BENCH_ARGS e.g. --model tiny).
 BENCH_ARGS ?=

@@ -200,6 +200,7 @@ def summarize(plan: Plan, draws: int = 2000) -> dict:
                             r["reference"], k, r[k])
                 for r in deltas for k in ("avg_accuracy", "avg_gap") if r.get(k)]  # fmt: skip
     ens = rep.ensembles(seeds, "alsace" if vs_alsace else None)
+    guard = guard_outcomes(plan)
     result = {
         "seeds": list(plan.seeds),
         "variants": {n: {"title": VARIANTS[n].title, "table": VARIANTS[n].table,
@@ -210,10 +211,44 @@ def summarize(plan: Plan, draws: int = 2000) -> dict:
         "tables": tables,
         "deltas": deltas,
         "verdicts": verdicts,
+        "guard": guard,
         "ensembles": ens,
     }  # fmt: skip
     write_outputs(plan.out, result, titles)
     return result
+
+
+def guard_outcomes(plan: Plan) -> dict[str, dict[str, dict]]:
+    """Per variant and seed, what the collapse guard did (``report.json``'s ``guard``): a run
+    it stopped at its first check reports the start model, so its delta is 0 by choice."""
+    out: dict[str, dict[str, dict]] = {}
+    for name in plan.variants:
+        for seed in plan.seeds:
+            report = json.loads((plan.out / f"seed{seed}" / name / "report.json").read_text())
+            g = report.get("guard")
+            if g:
+                out.setdefault(name, {})[str(seed)] = {
+                    "stopped_early": g["stopped_early"], "best_step": g["best_step"],
+                    "start_model_kept": g["best_step"] == 0 and g["final_from"] != "last step",
+                }  # fmt: skip
+    return out
+
+
+def _guard_lines(guard: dict, titles: dict) -> list[str]:
+    lines = []
+    for name, seeds in guard.items():
+        kept = [k for k, g in seeds.items() if g["start_model_kept"]]
+        early = [k for k, g in seeds.items() if g["stopped_early"] and not g["start_model_kept"]]
+        if kept:
+            lines.append(f"- {titles[name]}: the guard stopped distill at its first unhealthy "
+                         f"check and kept the START model in seed(s) {', '.join(kept)} "
+                         "(delta 0 there by the guard's choice)")  # fmt: skip
+        if early:
+            steps = ", ".join(f"{k} (step {seeds[k]['best_step']})" for k in early)
+            lines.append(
+                f"- {titles[name]}: stopped early, kept an earlier check in seed(s) {steps}"
+            )
+    return lines
 
 
 def _markdown(result: dict, titles: dict) -> str:
@@ -234,6 +269,9 @@ def _markdown(result: dict, titles: dict) -> str:
            "seed included); **bold**: the interval excludes 0. Gap: lower is better.\n",
            rep.deltas_markdown(result["deltas"], titles),
            "\n".join(f"- {v}" for v in result["verdicts"]) + "\n"]  # fmt: skip
+    lines = _guard_lines(result["guard"], titles)
+    md += ["## The collapse guard\n", "\n".join(lines) + "\n" if lines else
+           "The guard let every run train to its last step.\n"]  # fmt: skip
     if result["ensembles"]:
         md += ["## Test-time ensembles (paper Figure 4)\n",
                "Accuracy of one prediction per test example (weights: the stage-0 model's "
@@ -253,7 +291,7 @@ def write_outputs(out: Path, result: dict, titles: dict) -> None:
     plots = delta_plots(out, result["deltas"], titles)
     atomic_write_json(out / "experiment.json", result)
     md = _markdown(result, titles)
-    md += "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
+    md += "\n## Figures\n\n" + "\n\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
     atomic_write_text(out / "experiment.md", md)
 
 
