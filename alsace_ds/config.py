@@ -231,6 +231,9 @@ class DistillConfig:
 class EvalConfig:
     batch_size: int = 64  # views per forward
     every_epoch: bool = True  # evaluate on the dev file after every epoch of each stage
+    # Keep every dev example's per-language predictions of the start and the final model
+    # (predictions/dev_{before,after}.safetensors): two more passes over the dev set.
+    dev_predictions: bool = True
 
 
 @dataclass
@@ -246,6 +249,7 @@ class DeepSpeedSection:
 class LogConfig:
     tensorboard: bool = True
     progress: bool = True
+    plots: bool = True  # plots/*.png (and TensorBoard images) at the end of the run
 
 
 @dataclass

@@ -190,7 +190,7 @@ def summarize(plan: Plan, draws: int = 2000) -> dict:
     for key in TABLES:
         rows = [(rep.STAGE0, titles[rep.STAGE0])] if key == "table4" else []
         rows += [(n, titles[n]) for n in plan.variants if VARIANTS[n].table in (key, "all")]
-        if any(n != "alsace" and n != rep.STAGE0 for n, _ in rows):
+        if key == "table4" or any(n != "alsace" for n, _ in rows):  # Table 4: the start row
             tables[key] = rep.table(seeds, rows)
     vs_alsace = "alsace" in plan.variants
     deltas = rep.deltas(seeds, plan.variants, rep.STAGE0, draws)

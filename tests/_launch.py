@@ -62,6 +62,11 @@ def run_cmd(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.C
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+# What a test run skips unless it checks it (``lean=False``): the figures and the two dev
+# passes of the saved dev predictions (together ~5 s per run, most of the suite's runs).
+LEAN = ["log.plots=false", "eval.dev_predictions=false"]
+
+
 def launch(
     overrides: list[str],
     cache: Path,
@@ -69,9 +74,12 @@ def launch(
     timeout: float = 600,
     script: Path = TRAIN,
     env: dict[str, str] | None = None,
+    lean: bool = True,
 ) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N alsace_ds/train.py key=value ...`` (or another entry
-    ``script``, with ``env`` added to the ranks' environment); cleans its shm buffers."""
+    ``script``, with ``env`` added to the ranks' environment); cleans its shm buffers.
+    ``lean``: :data:`LEAN` first (the test's own overrides win)."""
+    overrides = [*LEAN, *overrides] if lean else overrides
     port = free_port()
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
@@ -95,8 +103,10 @@ def run_single(
     timeout: float = 600,
     script: Path = TRAIN,
     env: dict[str, str] | None = None,
+    lean: bool = True,
 ):
     """The same entry point as one plain process (world size 1)."""
+    overrides = [*LEAN, *overrides] if lean else overrides
     return run_cmd([sys.executable, str(script), *overrides], child_env(cache, env), timeout)
 
 

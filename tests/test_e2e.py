@@ -38,7 +38,7 @@ FAST = [
 @pytest.fixture(scope="module")
 def xlmr_run(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("run") / "xlmr"
-    res = launch([f"run.output_dir={out}", *FAST], cache)
+    res = launch([f"run.output_dir={out}", *FAST], cache, lean=False)  # plots, dev predictions
     assert res.returncode == 0, res.stdout[-6000:]
     return out, res.stdout
 

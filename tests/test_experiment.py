@@ -113,7 +113,8 @@ def test_ensembles_accuracy_of_one_prediction_per_example():
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY = ["stage0.epochs=2", "distill.max_steps=4", "distill.eval_every=2", "run.log_every=2"]
+TINY = ["stage0.epochs=2", "distill.max_steps=4", "distill.eval_every=2", "run.log_every=2",
+        "log.plots=false", "eval.dev_predictions=false"]  # fmt: skip
 
 
 def _driver(out: Path, cache: Path, variants: list[str], extra: list[str] = ()):
@@ -126,7 +127,7 @@ def _driver(out: Path, cache: Path, variants: list[str], extra: list[str] = ()):
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("exp")
-    res = _driver(out, cache, ["random_selection", "full_self_training", "alsace"])
+    res = _driver(out, cache, ["random_selection", "alsace"])
     assert res.returncode == 0, res.stdout[-6000:]
     return out, res.stdout
 
@@ -135,7 +136,7 @@ def test_driver_runs_every_variant_from_one_stage0_model(experiment):
     out, stdout = experiment
     seed = out / "seed1"
     model = seed / "stage0" / "stage0"
-    for name in ("random_selection", "full_self_training", "alsace"):
+    for name in ("random_selection", "alsace"):
         launched = json.loads((seed / f"{name}.launch.json").read_text())["overrides"]
         assert "stage0.enabled=false" in launched
         used = [o for o in launched if o.startswith("stage0.init_from=")][0]
@@ -154,8 +155,7 @@ def test_driver_runs_every_variant_from_one_stage0_model(experiment):
     assert (report["teachers"], report["students"]) == (sel["teachers_used"], sel["students_used"])
     result = json.loads((out / "experiment.json").read_text())
     assert list(result["tables"]) == ["table3", "table4"]
-    assert [r["run"] for r in result["tables"]["table4"]] == ["stage0", "full_self_training",
-                                                             "alsace"]  # fmt: skip
+    assert [r["run"] for r in result["tables"]["table4"]] == ["stage0", "alsace"]
     assert "cannot be told apart" in stdout or "better" in stdout or "WORSE" in stdout
     assert (out / "plots" / "deltas_avg_accuracy_vs_stage0.png").stat().st_size > 1000
 

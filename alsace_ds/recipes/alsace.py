@@ -226,9 +226,9 @@ class StartModel:
 def dev_predictions(run: Run, model: StartModel, when: str) -> None:
     """``predictions/dev_<when>.safetensors`` (every dev example in every language) of the
     model now in ``model``; its sums kept in ``results/dev_<when>.json`` (a resumed run does
-    not redo them). Nothing without a dev set."""
+    not redo them). Nothing without a dev set or with ``eval.dev_predictions`` off."""
     dev = run.task.dev
-    if dev is not None:
+    if dev is not None and run.cfg.eval.dev_predictions:
         name = f"dev_{when}"
         _result(run, name, lambda: model.evaluate(f"evaluate dev ({when})", name, dev))
 
@@ -407,7 +407,7 @@ def write_report(run: Run, threshold: float, roles, before, after, final) -> dic
     )
     if run.ctx.is_main:
         atomic_write_json(run.run_dir / "report.json", report)
-        md += _figures(run, report)
+        md += _figures(run, report) if cfg.log.plots else ""
         atomic_write_text(run.run_dir / "report.md", md)
         for name, text in reporting.csv_files(tables).items():
             atomic_write_text(run.run_dir / name, text)
