@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from _launch import ROOT, TRAIN, child_env, free_port, launch
+from _launch import LEAN, ROOT, TRAIN, child_env, free_port, launch
 
 # Stage 0: 64 English examples = 2 steps per epoch, 4 epochs, dev checks at each epoch end
 # (best-model keeper); stage 2: 8 steps, guard checks every 2; commits every 3 steps, so a
@@ -61,7 +61,7 @@ def reference(tmp_path_factory, cache) -> Path:
 def _start(args: list[str], cache: Path, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(port), str(TRAIN), *args]  # fmt: skip
+           "--master_port", str(port), str(TRAIN), *args, *LEAN]  # fmt: skip
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(cache), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
