@@ -32,8 +32,12 @@ from alsace_ds.engine import checkpoint
 #: Config sections whose change makes the run directory's outputs meaningless for this run.
 RESUME_SECTIONS = ("task", "model", "stage0", "selection", "distill", "eval")
 #: Keys that may change between attempts (they do not change what is computed).
-FREE_KEYS = {"eval.batch_size", "selection.batch_size", "deepspeed.timeout_s",
-             "eval.dev_predictions"}  # (an output more or less, nothing trained differently)
+FREE_KEYS = {
+    "eval.batch_size",
+    "selection.batch_size",
+    "deepspeed.timeout_s",
+    "eval.dev_predictions",
+}  # (an output more or less, nothing trained differently)
 #: Keys that follow from the world size (reported as the world-size problem instead).
 WORLD_KEYS = ("micro_batch", "grad_accum", "view_parallel_size")
 STAGES = ("stage0", "distill")
