@@ -196,8 +196,7 @@ def summarize(plan: Plan, draws: int = 2000) -> dict:
     deltas = rep.deltas(seeds, plan.variants, rep.STAGE0, draws)
     if vs_alsace:
         deltas += rep.deltas(seeds, plan.variants, "alsace", draws)
-    verdicts = [rep.verdict(r["run"], titles[r["reference"]] if r["reference"] in titles else
-                            r["reference"], k, r[k])
+    verdicts = [rep.verdict(r["run"], titles[r["reference"]], k, r[k])
                 for r in deltas for k in ("avg_accuracy", "avg_gap") if r.get(k)]  # fmt: skip
     ens = rep.ensembles(seeds, "alsace" if vs_alsace else None)
     guard = guard_outcomes(plan)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ class Predictions:
     labels: Tensor  # [N] long
     languages: list[str]
 
-    @property
+    @cached_property  # read once per table, delta and reference: argmax over [N, T, C] once
     def correct(self) -> Tensor:
         """``[N, T]`` bool: example n right in language t."""
         return self.probs.argmax(-1) == self.labels[:, None]

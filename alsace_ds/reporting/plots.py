@@ -12,6 +12,7 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -93,29 +94,41 @@ def _legend_with_roles(ax) -> None:
 # ----------------------------------------------------------------------------- 1. accuracy
 
 
+def _language_bars(
+    languages: list[str], key: str, before: dict, after: dict | None, teachers: Sequence[str]
+) -> tuple[Figure, Axes]:
+    """A figure of before / after bars of ``summary[key]`` per language, teachers marked."""
+    fig = Figure(figsize=(max(7.5, 0.9 * len(languages) + 4.0), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    _bar_pairs(ax, languages, before[key], after[key] if after else None)
+    _role_ticks(ax, languages, teachers)
+    return fig, ax
+
+
+def _finish_bars(ax, ylabel: str, title: str) -> None:
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    _legend_with_roles(ax)  # after every labelled line
+
+
 def accuracy_figure(
     before: dict, after: dict | None, teachers: Sequence[str], english: str | None
 ) -> Figure:
     """Per-language test accuracy (%) before / after distillation (``summarize()`` dicts:
     ``accuracy`` {lang: %}; ``after`` None = no distillation), the English accuracy as a
     horizontal line, teachers' tick labels in bold orange."""
-    languages = list(before["accuracy"])
-    fig = Figure(figsize=(max(7.5, 0.9 * len(languages) + 4.0), 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    _bar_pairs(ax, languages, before["accuracy"], after["accuracy"] if after else None)
+    fig, ax = _language_bars(list(before["accuracy"]), "accuracy", before, after, teachers)
     if english is not None:
         for name, summ, colour in (("before", before, BEFORE), ("after", after, AFTER)):
             if summ is not None:
                 en = summ["accuracy"][english]
                 ax.axhline(en, color=colour, ls="--", lw=1.2, label=f"{english} {name}: {en:.1f}")
-    _role_ticks(ax, languages, teachers)
     top = max(max(s["accuracy"].values()) for s in (before, after) if s is not None)
     ax.set_ylim(0, min(top + 10.0, 110.0))  # room for the values above the bars
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy per language" + (" before / after distillation" if after else ""))
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    _legend_with_roles(ax)
+    title = "Accuracy per language" + (" before / after distillation" if after else "")
+    _finish_bars(ax, "test accuracy (%)", title)
     return fig
 
 
@@ -137,20 +150,14 @@ def gap_figure(
     if english is None:
         return None
     languages = [x for x in before["gap"] if x != english]
-    fig = Figure(figsize=(max(7.5, 0.9 * len(languages) + 4.0), 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    _bar_pairs(ax, languages, before["gap"], after["gap"] if after else None)
+    fig, ax = _language_bars(languages, "gap", before, after, teachers)
     ax.axhline(0, color="black", lw=0.8)
-    _role_ticks(ax, languages, teachers)
     values = [s["gap"][x] for s in (before, after) if s is not None for x in languages]
     lo, hi = min(0.0, *values), max(0.0, *values)
     pad = 0.18 * (hi - lo) + 1
     ax.set_ylim(lo - (pad if lo < 0 else 0), hi + pad)
-    ax.set_ylabel(f"gap: acc({english}) - acc(t), points")
-    ax.set_title(f"Gap to {english} per language (smaller is better)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    _legend_with_roles(ax)
+    _finish_bars(ax, f"gap: acc({english}) - acc(t), points",
+                 f"Gap to {english} per language (smaller is better)")  # fmt: skip
     return fig
 
 
