@@ -63,7 +63,7 @@ experiment: setup
 BENCH_ARGS ?=
 bench: setup
 	mkdir -p runs/bench
-	for b in distill_throughput selection_bucketing zero_memory; do \
+	for b in distill_throughput selection_bucketing zero_memory limits; do \
 	  $(PY) bench/$$b.py --out runs/bench/$$b.json $(BENCH_ARGS) || exit $$?; done; \
 	  rc=$$?; $(MAKE) -s clean-shm; exit $$rc
 

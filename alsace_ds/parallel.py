@@ -300,14 +300,20 @@ def decide(read: Callable[[], Any], ctx: ParallelContext) -> Any:
     return box[1]
 
 
+def all_max(values: list[int], ctx: ParallelContext) -> list[int]:
+    """Element-wise max of small non-negative ints over all ranks (one small all-reduce,
+    read on the host): a value only rank 0 sets (the others give 0) becomes every rank's."""
+    if not _active(ctx):
+        return list(values)
+    buf = torch.tensor(values, dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return [int(x) for x in buf.tolist()]
+
+
 def any_rank(flags: list[bool], ctx: ParallelContext) -> list[bool]:
     """Element-wise OR of ``flags`` over all ranks (one small all-reduce): a stop request
     seen by any rank, or a decision only rank 0 takes (its clock), becomes every rank's."""
-    if not _active(ctx):
-        return list(flags)
-    buf = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=ctx.device)
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    return [bool(x) for x in buf.tolist()]
+    return [bool(x) for x in all_max([int(f) for f in flags], ctx)]
 
 
 def all_gather_object(obj: Any, ctx: ParallelContext) -> list[Any]:

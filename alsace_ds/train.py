@@ -140,8 +140,8 @@ def run(cfg, task, ctx, lock) -> int:
             print(f"alsace_ds: {stop}; {kept}, run again to resume", flush=True)
             signals.write_stop_file(str(stop))
         return signals.EXIT_PREEMPTED
-    except CheckpointError as exc:  # e.g. a file the weights-only loader refuses
-        if ctx.is_main:
+    except (CheckpointError, DataError, PeerError) as exc:  # e.g. a file the weights-only
+        if ctx.is_main:  # loader refuses, a cloze view whose mask was truncated away
             print(f"alsace_ds: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -355,7 +355,7 @@ def language_factors(languages: Sequence[str], seed: int, spread: float = 0.2) -
 
 def token_lengths(tokenizer: Any, views: Sequence[Any], max_length: int) -> list[int]:
     """Tokens per view after encoding (special tokens included, truncated to ``max_length``)."""
-    from alsace_ds.models.scorers import encode_views
+    from alsace_ds.data.tokens import encode_views
 
     lengths: list[int] = []
     for i in range(0, len(views), 256):

@@ -129,8 +129,8 @@ class Steps:
         device: str | torch.device = "cpu",
         autocast: torch.dtype | None = None,
     ):
+        from alsace_ds.data.tokens import encode_views
         from alsace_ds.method.pairs import build_pairs
-        from alsace_ds.models.scorers import encode_views
 
         self.model = model
         self.device = torch.device(device)

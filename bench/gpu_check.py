@@ -800,6 +800,40 @@ def check_throughput(rep: Report, args: argparse.Namespace) -> None:
     )
 
 
+#: bench/limits.py on the GPU: every stage vs the bare model (issue 14); e5-small shapes of
+#: the CPU figures with 4x the batch (the GPU is not saturated by 60 sequences).
+LIMITS_GPU = ["--examples", "64", "--micro-batch", "16", "--stage0-batch", "32",
+              "--infer-batch", "256", "--repeats", "5", "--steps", "5"]  # fmt: skip
+LIMITS_CPU = ["--model", "tiny", "--examples", "8", "--repeats", "1", "--steps", "1"]
+
+
+def check_limits(rep: Report, args: argparse.Namespace) -> None:
+    """The limit benchmark on the device: each stage's ratio to the bare model, padding."""
+    t0 = time.perf_counter()
+    out_json = rep.out_dir / "limits.json"
+    out_json.unlink(missing_ok=True)
+    model, weights = ("tiny", "tiny (plumbing)") if rep.plumbing else throughput_model(args)
+    bench_args = LIMITS_CPU if rep.plumbing else ["--model", model, *LIMITS_GPU]
+    cmd = [sys.executable, "-u", str(REPO / "bench" / "limits.py"), *bench_args,
+           "--workdir", str(rep.out_dir / "limits"), "--out", str(out_json)]  # fmt: skip
+    rc, out, seconds = run_logged(
+        cmd, child_env(rep.plumbing), args.throughput_timeout, rep.out_dir / "limits.log"
+    )
+    fig: dict[str, Any] = {"command": cmd, "rc": rc, "seconds": round(seconds, 2),
+                           "model": model, "weights": weights}  # fmt: skip
+    problems = [] if rc == 0 else [f"exit status {rc}; the end of its output:\n{tail(out)}"]
+    summary = f"rc={rc}"
+    if out_json.is_file():
+        res = json.loads(out_json.read_text())
+        fig["bench"] = res
+        summary = f"{weights}: " + "; ".join(res.get("verdicts", []))
+    elif rc == 0:
+        problems.append(f"{out_json} was not written")
+    # A goal missed is a figure to read, not a broken GPU path: INFO, not FAIL.
+    status = "FAIL" if problems else ("PASS" if "NOT met" not in summary else "INFO")
+    rep.add("limits", status, summary, fig, problems, time.perf_counter() - t0)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -921,6 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     check_reload(rep, zero, run, args.acc_tol)
         if not args.skip_throughput:
             check_throughput(rep, args)
+            check_limits(rep, args)
     total = rep.elapsed()
     over = total > args.budget_s
     if plumbing:

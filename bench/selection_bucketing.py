@@ -58,7 +58,8 @@ def make_views(
 
 
 def char_lengths(views: Sequence[Any]) -> list[int]:
-    """The length key of ``trainer.predict_probs``."""
+    """The length key ``trainer.predict_probs`` sorted by before issue 14 (it now sorts by
+    token count, known once the views are tokenized: ``bench/limits.py``)."""
     return [len(v) if isinstance(v, str) else sum(len(x) for x in v) for v in views]
 
 
@@ -72,7 +73,7 @@ def infer(
     num_labels: int,
 ) -> tuple[torch.Tensor, int, int]:
     """(probs ``[V, C]`` in original view order, pad tokens, all tokens)."""
-    from alsace_ds.models.scorers import encode_views
+    from alsace_ds.data.tokens import encode_views
 
     probs = torch.full((len(views), num_labels), float("nan"))
     pad = total = 0
@@ -175,9 +176,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
 
-    # The real inference path gives the bucketed result (same batches, same code).
-    idx, pp = predict_probs(model, tok, views, ParallelContext(), args.batch_size, args.max_length,
-                            "selection", False)  # fmt: skip
+    # The real inference path (token cache, batches sorted by token count) gives the same
+    # probabilities (other batches: float noise only).
+    from alsace_ds.data.tokens import TokenizedViews, pad_id, tokenize_views
+
+    toks = TokenizedViews.from_lists(tokenize_views(tok, views, args.max_length), pad_id(tok),
+                                     tok.padding_side)  # fmt: skip
+    idx, pp = predict_probs(model, toks, ParallelContext(), args.batch_size, "selection", False)
     real = torch.empty(len(views), c)
     real[idx] = pp
 

@@ -18,7 +18,8 @@ import torch
 from _dist_helpers import free_port
 from alsace_ds.config import load_config
 from alsace_ds.data.corpus import load_parallel_jsonl
-from alsace_ds.models.scorers import encode_views, load_scorer
+from alsace_ds.data.tokens import encode_views
+from alsace_ds.models.scorers import load_scorer
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "alsace_ds" / "train.py"

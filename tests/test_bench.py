@@ -105,3 +105,31 @@ def test_zero_memory_tiny_zero3(tmp_path):
         assert opt["state_bytes"] == pytest.approx(2 * 4 * par["partition_numel"], rel=0.01)
         assert r["peak_rss_bytes"] > r["rss_start_bytes"] > 0
         assert all(math.isfinite(x) for x in r["losses"])
+
+
+def test_limits_tiny(tmp_path):
+    """The limit benchmark runs the real stages (token cache, recipe steps, predict_probs)
+    against the bare model on the same sequences, and reports ratios and paddings."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "limits.json"
+    cmd = [sys.executable, str(BENCH / "limits.py"), "--model", "tiny", "--examples", "8",
+           "--repeats", "1", "--steps", "1", "--workdir", str(tmp_path),
+           "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    by = {r["stage"]: r for r in data["results"]}
+    assert set(by) == {"distill", "stage0", "inference"}
+    assert by["distill"]["sequences"][0] == 4 * 15  # micro-batch x every language, one rank
+    assert by["stage0"]["sequences"][0] == 16
+    for r in (by["distill"], by["stage0"]):
+        assert math.isfinite(r["overhead_vs_fwd_bwd"]) and r["times"]["ours"]["median_s"] > 0
+    inf = by["inference"]
+    assert inf["views_per_rank"] == 8 * 15
+    assert inf["padding"]["ours"] == inf["padding"]["bare_sorted"]  # the same token order
+    assert inf["padding"]["ours"] <= inf["padding"]["before"]
+    assert len(data["verdicts"]) == 3 and "inference: padding" in data["verdicts"][2]

@@ -10,6 +10,7 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 import yaml
+from _golden import compare, record
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_ensemble import naive_predict
@@ -302,3 +303,13 @@ def check_dev_predictions(out: Path, start: Path) -> None:
         assert correct.sum(0).tolist() == counts["correct"]
         acc = {x: 100.0 * float(correct[:, t].double().mean()) for t, x in enumerate(langs)}
         assert acc == pytest.approx(accuracy(probs, corpus, langs), abs=1e-9), name
+
+
+def test_outputs_equal_those_before_the_views_were_tokenized_once(xlmr_run):
+    """The same teachers, confidences, losses, accuracies, guard checks and test predictions
+    as the code before the token cache and token-length batching (commit d6102ef, recorded
+    by ``tests/_golden.py`` from this very fixture's command)."""
+    out, _ = xlmr_run
+    want = json.loads((Path(__file__).parent / "golden" / "xlmr-fast-d6102ef.json").read_text())
+    assert compare(record(out), want) == []
+    assert (out / "tokens" / "unlabeled.safetensors").is_file()  # cached beside the run

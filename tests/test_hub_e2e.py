@@ -20,7 +20,8 @@ from _launch import launch
 from alsace_ds.config import ConfigError, load_config
 from alsace_ds.data.corpus import DataError
 from alsace_ds.data.tasks import prepare_task
-from alsace_ds.models.scorers import encode_views, load_scorer
+from alsace_ds.data.tokens import encode_views
+from alsace_ds.models.scorers import load_scorer
 from alsace_ds.models.tiny import build_tiny_model
 
 LANGS = ["en", "fr", "sw"]

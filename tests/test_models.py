@@ -8,12 +8,12 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import Unigram
 from transformers import PreTrainedTokenizerFast
 
+from alsace_ds.data.tokens import encode_views
 from alsace_ds.models.scorers import (
     HEADS,
     MT5LabelWords,
     XLMRClassifier,
     XLMRCloze,
-    encode_views,
     label_word_token_ids,
     load_scorer,
 )
@@ -217,11 +217,10 @@ def test_dropout_override(tiny_dirs):
 
 
 def test_views_have_one_type():
-    """The scorers encode the corpus's views: one definition of a view (data/corpus.py)."""
-    from alsace_ds.data import corpus
-    from alsace_ds.models import scorers
+    """The views are tokenized as the corpus defines them: one definition (data/corpus.py)."""
+    from alsace_ds.data import corpus, tokens
 
-    assert scorers.View is corpus.View
+    assert tokens.View is corpus.View
 
 
 def _export(scorer, tok, out_dir):

@@ -13,8 +13,9 @@ import torch
 from _hub_fixtures import LANGUAGES, make_copa_repo, make_hub_repo, vocabulary
 from alsace_ds.config import ConfigError, config_path, load_config, preset_names, with_world
 from alsace_ds.data.tasks import prepare_task
+from alsace_ds.data.tokens import encode_views
 from alsace_ds.engine.ds_config import build_ds_config
-from alsace_ds.models.scorers import encode_views, load_scorer
+from alsace_ds.models.scorers import load_scorer
 from alsace_ds.models.tiny import build_tiny_model
 
 N = 1000  # validation[:500] (unlabeled) and validation[-500:] (dev) are then disjoint

@@ -19,7 +19,7 @@ from alsace_ds.data.prompts import (
     render_corpus,
     render_view,
 )
-from alsace_ds.models.scorers import encode_views
+from alsace_ds.data.tokens import encode_views
 from alsace_ds.models.tiny import build_word_tokenizer
 
 LANGUAGES = {

@@ -14,8 +14,9 @@ from _launch import ROOT, launch
 from alsace_ds.config import load_config
 from alsace_ds.data.corpus import load_parallel_jsonl
 from alsace_ds.data.embedded import EMBEDDED_LANGUAGES
+from alsace_ds.data.tokens import encode_views
 from alsace_ds.method.pairs import pair_kl_loss
-from alsace_ds.models.scorers import encode_views, load_scorer
+from alsace_ds.models.scorers import load_scorer
 from alsace_ds.parallel import ParallelContext
 from alsace_ds.recipes.strategies import local_languages
 

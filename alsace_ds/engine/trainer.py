@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from alsace_ds import parallel
 from alsace_ds.data.batching import train_batches, view_batches
-from alsace_ds.data.corpus import View
+from alsace_ds.data.tokens import TokenizedViews
 from alsace_ds.engine import signals
 from alsace_ds.engine.ds_config import zero_stage
 from alsace_ds.engine.schedules import lr_factor
-from alsace_ds.models.scorers import LabelScorer, encode_views, load_scorer
+from alsace_ds.models.scorers import LabelScorer, load_scorer
 
 # Inference loops and exports poll for an agreed stop request every this many batches /
 # parameters (one 4-byte all-reduce; on XNLI's 75k test views that is every ~0.1 s).
@@ -214,35 +214,43 @@ def progress(total: int, desc: str, ctx: parallel.ParallelContext, enabled: bool
 # ----------------------------------------------------------------------------- forward helpers
 
 
-def forward_views(
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without stalling the host: on an accelerator it is staged
+    in pinned memory and copied asynchronously (ordered on the stream before its use)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def forward_tokens(
     engine: Any,
-    tokenizer: Any,
-    views: list[View],
-    max_length: int,
+    views: TokenizedViews,
+    indices: Sequence[int] | Tensor,
     device: torch.device,
-    lang_ids: Sequence[int] | None = None,
+    lang_ids: Tensor | None = None,
 ) -> Tensor:
-    """Label logits ``[len(views), C]`` (float32) with ONE forward for the whole batch.
-    ``lang_ids`` ``[B]``: each view's row of the scorer's label-word table (cloze / mT5
-    verbalizers differ per language; the classification head ignores it)."""
-    enc = encode_views(tokenizer, views, max_length)
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    """Label logits ``[B, C]`` (float32) of the views at ``indices`` with ONE forward,
+    padded to the longest of them. ``lang_ids`` ``[B]`` (on ``device``): each view's row of
+    the scorer's label-word table (cloze / mT5 verbalizers differ per language; the
+    classification head ignores it)."""
+    ids, mask = views.batch(indices)  # [B, L] each, host
+    ids, mask = to_device(ids, device), to_device(mask, device)
     if lang_ids is None:
         return engine(ids, mask).float()
-    return engine(ids, mask, torch.tensor(list(lang_ids), dtype=torch.long, device=device)).float()
+    return engine(ids, mask, lang_ids).float()
 
 
 def cross_entropy_step(
     engine: Any,
-    tokenizer: Any,
-    views: list[View],
+    views: TokenizedViews,
+    indices: Sequence[int] | Tensor,
     labels: Tensor,
-    max_length: int,
     device: torch.device,
-    lang_ids: Sequence[int] | None = None,
+    lang_ids: Tensor | None = None,
 ) -> Tensor:
-    logits = forward_views(engine, tokenizer, views, max_length, device, lang_ids)  # [B, C]
-    loss = F.cross_entropy(logits, labels.to(device))
+    """One micro-step of cross-entropy on the views at ``indices`` with ``labels`` ``[B]``."""
+    logits = forward_tokens(engine, views, indices, device, lang_ids)  # [B, C]
+    loss = F.cross_entropy(logits, to_device(labels, device))
     engine.backward(loss)
     engine.step()
     return loss.detach()
@@ -251,41 +259,41 @@ def cross_entropy_step(
 @torch.no_grad()
 def predict_probs(
     engine: Any,
-    tokenizer: Any,
-    views: list[View],
+    views: TokenizedViews,
     ctx: parallel.ParallelContext,
     batch_size: int,
-    max_length: int,
     desc: str,
     show_progress: bool,
-    view_langs: Sequence[int] | None = None,
+    lang_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Label distributions for THIS rank's share of ``views``.
 
-    Views are dealt round-robin across ranks and every rank runs the same number of
-    forwards (dummy views fill the tail and are dropped). ``view_langs[v]`` is view v's row
-    of the label-word table (see ``forward_views``). Returns (global view indices
-    ``[V_local]`` long, probabilities ``[V_local, C]`` float32).
+    Views are dealt round-robin across ranks, each rank's sorted by token count (batches
+    pad little), and every rank runs the same number of forwards (dummy views fill the tail
+    and are dropped). ``lang_ids`` ``[V]`` (host): view v's row of the label-word table (see
+    ``forward_tokens``). The distributions stay on the device until the end (one copy to the
+    host, not one per batch). Returns (global view indices ``[V_local]`` long, probabilities
+    ``[V_local, C]`` float32), on the host.
     """
-    was_training = engine.training
+    module = getattr(engine, "module", engine)  # DeepSpeed's engine.training is not kept
+    was_training = module.training
     engine.eval()
-    lengths = [len(v) if isinstance(v, str) else sum(len(x) for x in v) for v in views]
-    batches = view_batches(len(views), batch_size, ctx.rank, ctx.world_size, lengths)
-    idx_out: list[Tensor] = []
-    prob_out: list[Tensor] = []
+    batches = view_batches(len(views), batch_size, ctx.rank, ctx.world_size,
+                           views.lengths.tolist())  # fmt: skip
+    out: list[Tensor] = []
     with progress(len(batches), desc, ctx, show_progress) as bar:
-        for b, (indices, valid) in enumerate(batches):
+        for b, (indices, _) in enumerate(batches):
             poll_stop(b, STOP_POLL_BATCHES, ctx, desc)
-            langs = None if view_langs is None else [view_langs[i] for i in indices]
-            logits = forward_views(
-                engine, tokenizer, [views[i] for i in indices], max_length, ctx.device, langs
-            )
-            keep = torch.tensor(valid, dtype=torch.bool)
-            prob_out.append(torch.softmax(logits, dim=-1).cpu()[keep])
-            idx_out.append(torch.tensor(indices, dtype=torch.long)[keep])
+            langs = None
+            if lang_ids is not None:
+                langs = to_device(lang_ids[torch.as_tensor(indices)], ctx.device)
+            logits = forward_tokens(engine, views, indices, ctx.device, langs)
+            out.append(torch.softmax(logits, dim=-1))  # [b, C] on the device
             bar.update(1)
     engine.train(was_training)
-    return torch.cat(idx_out), torch.cat(prob_out)
+    keep = torch.tensor([v for _, valid in batches for v in valid], dtype=torch.bool)
+    idx = torch.tensor([i for indices, _ in batches for i in indices], dtype=torch.long)
+    return idx[keep], torch.cat(out).cpu()[keep]
 
 
 # ----------------------------------------------------------------------------- checkpoints/export

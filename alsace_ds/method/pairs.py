@@ -145,8 +145,7 @@ def _cached_pairs(
     languages: tuple[str, ...], teachers: tuple[str, ...], pairs: str
 ) -> tuple[tuple[int, int, bool], ...]:
     """``build_pairs`` memoised per (languages, teachers, policy), each pair with whether its
-    t1 is a student: a training step does no Python work over pairs, only one small
-    host-to-device copy of the index."""
+    t1 is a student: a training step does no Python work over pairs."""
     teacher_set = set(teachers)
     return tuple(
         (t1, t2, languages[t1] not in teacher_set)
@@ -154,11 +153,13 @@ def _cached_pairs(
     )
 
 
+@lru_cache(maxsize=64)
 def _pair_index(
-    languages: Sequence[str], teachers: Sequence[str], pairs: str, device: torch.device
+    languages: tuple[str, ...], teachers: tuple[str, ...], pairs: str, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(t1, t2) ``[P]`` long index tensors for the pair set, and ``[P]`` bool: t1 a student."""
-    pair_list = _cached_pairs(tuple(languages), tuple(teachers), pairs)
+    """(t1, t2) ``[P]`` long index tensors for the pair set, and ``[P]`` bool: t1 a student;
+    memoised per device too, so a training step makes no host-to-device copy at all."""
+    pair_list = _cached_pairs(languages, teachers, pairs)
     idx = torch.tensor(pair_list, dtype=torch.long).reshape(-1, 3).to(device)  # [P, 3]
     return idx[:, 0], idx[:, 1], idx[:, 2].bool()
 
@@ -197,7 +198,7 @@ def pair_kl_loss(
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be {_choices(DIRECTIONS)}, got {direction!r}")
     lp = _prepare(log_probs, len(languages))  # [B, T, C]
-    t1, t2, student_t1 = _pair_index(languages, teachers, pairs, lp.device)  # [P] x3
+    t1, t2, student_t1 = _pair_index(tuple(languages), tuple(teachers), pairs, lp.device)
     lp_teacher = lp[:, t2]  # [B, P, C]
     if detach_teacher:
         lp_teacher = lp_teacher.detach()

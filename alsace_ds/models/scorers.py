@@ -36,7 +36,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from alsace_ds.data.corpus import View
 from alsace_ds.models.families import FAMILIES, HEADS
 
 LabelIds = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
@@ -175,9 +174,10 @@ class LabelWordScorer(LabelScorer):
                 f"this scorer has per-language label words ({rows} rows); forward needs "
                 "lang_ids [B] (each input's row, i.e. its language index)"
             )
-        lo, hi = torch.stack([lang_ids.min(), lang_ids.max()]).tolist()  # one host sync
-        if lo < 0 or hi >= rows:
-            raise ValueError(f"lang_ids must lie in [0, {rows}), got values in [{lo}, {hi}]")
+        if lang_ids.device.type == "cpu":  # on an accelerator, reading it would stall the
+            lo, hi = int(lang_ids.min()), int(lang_ids.max())  # host: the trainer's ids
+            if lo < 0 or hi >= rows:  # come from the task's language list (always in range)
+                raise ValueError(f"lang_ids must lie in [0, {rows}), got values in [{lo}, {hi}]")
         return table.index_select(0, lang_ids.to(device=table.device, dtype=torch.long))
 
 
@@ -212,10 +212,17 @@ class XLMRCloze(LabelWordScorer):
         return None
 
     def mask_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``[B]`` position of the mask token in each row; ValueError unless exactly one."""
+        """``[B]`` position of the mask token in each row; ValueError unless exactly one.
+
+        The check reads the counts on the host, so it runs on host tensors only: on an
+        accelerator it would stall every forward. The trainer's inputs were checked once,
+        when the run's views were tokenized (:func:`alsace_ds.data.tokens.mask_count_problems`).
+        """
         is_mask = input_ids == self.mask_token_id  # [B, L]
+        if input_ids.device.type != "cpu":
+            return is_mask.to(torch.long).argmax(dim=1)
         counts = is_mask.sum(dim=1)  # [B]
-        bad = (counts != 1).nonzero().flatten().tolist()  # host sync
+        bad = (counts != 1).nonzero().flatten().tolist()
         if bad:
             found = counts[bad].tolist()
             shown = ", ".join(f"row {r}: {n}" for r, n in zip(bad[:10], found[:10], strict=True))
@@ -585,44 +592,3 @@ def load_scorer(
     )
     scorer.eval()
     return scorer, tokenizer, warnings
-
-
-def _is_pair(view: object) -> bool:
-    return isinstance(view, (tuple, list))
-
-
-def encode_views(
-    tokenizer: PreTrainedTokenizerBase, views: Sequence[View], max_length: int
-) -> dict[str, torch.Tensor]:
-    """Tokenize a batch of views into ``input_ids`` / ``attention_mask`` [B, L].
-
-    Each view is a ``str`` or a 2-item ``(text_a, text_b)`` pair (e.g. premise / hypothesis);
-    a batch must be all singles or all pairs. A multi-field view (XCOPA's 4-tuple) must be
-    rendered through a prompt first (:func:`alsace_ds.data.prompts.render_view`). Padded to
-    the longest item, truncated to ``max_length`` (pairs: ``longest_first``, trimming the
-    longer side token by token).
-    """
-    if len(views) == 0:
-        raise ValueError("encode_views got an empty batch")
-    pair_flags = [_is_pair(v) for v in views]
-    if any(pair_flags) and not all(pair_flags):
-        raise ValueError("encode_views got a mix of single texts and sentence pairs in one batch")
-    common = dict(
-        padding="longest",
-        max_length=max_length,
-        return_tensors="pt",
-        return_attention_mask=True,
-    )
-    if all(pair_flags):
-        for v in views:
-            if len(v) != 2 or not all(isinstance(t, str) for t in v):
-                raise ValueError(f"a pair view must be (text_a, text_b) strings, got {v!r}")
-        enc = tokenizer(
-            [v[0] for v in views], [v[1] for v in views], truncation="longest_first", **common
-        )
-    else:
-        for v in views:
-            if not isinstance(v, str):
-                raise ValueError(f"a view must be a str or a (text_a, text_b) pair, got {v!r}")
-        enc = tokenizer(list(views), truncation=True, **common)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,16 @@ from safetensors.torch import load_file
 
 from alsace_ds import parallel
 from alsace_ds.config import Config
-from alsace_ds.data.corpus import ParallelCorpus
 from alsace_ds.data.tasks import TaskData
 from alsace_ds.engine import checkpoint, rundir
 from alsace_ds.engine.schedules import authors_update
-from alsace_ds.engine.trainer import cross_entropy_step, export_hf, plan_steps, release_engine
+from alsace_ds.engine.trainer import (
+    cross_entropy_step,
+    export_hf,
+    plan_steps,
+    release_engine,
+    to_device,
+)
 from alsace_ds.io import atomic_write_json, atomic_write_text
 from alsace_ds.method.ensemble import ensemble_accuracies
 from alsace_ds.method.selection import select_from_views
@@ -43,7 +49,7 @@ from alsace_ds.recipes.evaluation import (
     summary,
 )
 from alsace_ds.recipes.loop import Commits, Movement, StageRun, train_loop
-from alsace_ds.recipes.run import Run, make_engine
+from alsace_ds.recipes.run import Run, build_tokens, make_engine, set_matmul_precision
 from alsace_ds.recipes.strategies import DISTILL_METHODS, apply_selection_rule
 from alsace_ds.reporting import plots
 from alsace_ds.reporting import report as reporting
@@ -81,9 +87,9 @@ def setup(cfg: Config, task: TaskData, ctx: parallel.ParallelContext) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     parallel.barrier(ctx)
-    run = Run(
-        cfg, task, ctx, run_dir, TBLogger(run_dir / "tb", cfg.log.tensorboard and ctx.is_main)
-    )
+    tokens = build_tokens(cfg, task, ctx, run_dir)  # every view tokenized once, cached
+    tb = TBLogger(run_dir / "tb", cfg.log.tensorboard and ctx.is_main)
+    run = Run(cfg, task, ctx, run_dir, tb, tokens)
     addr = f"{os.environ.get('MASTER_ADDR', '-')}:{os.environ.get('MASTER_PORT', '-')}"
     run.say(
         f"{ctx.world_size} rank(s) on {ctx.device.type} (rank 0: {ctx.device}), rendezvous {addr}"
@@ -91,6 +97,7 @@ def setup(cfg: Config, task: TaskData, ctx: parallel.ParallelContext) -> Run:
     if ctx.view_size > 1:
         run.say(f"distill layout: {ctx.dp_world} data-parallel group(s) x {ctx.view_size} "
                 "rank(s) sharing each example's language views")  # fmt: skip
+    set_matmul_precision(cfg, ctx)
     torch.manual_seed(cfg.run.seed)  # model initialisation: the same on every rank
     return run
 
@@ -149,15 +156,7 @@ def run_stage0(run: Run, commits: Commits) -> str:
         f"stage 0: English fine-tuning on {len(train)} examples, {total} optimizer steps "
         f"(ZeRO-{zero}, {ctx.world_size} rank(s))"
     )
-    labels, lang = train.labels(), task.train_language
-    ids = None if task.label_words is None else task.lang_id(lang)
-
-    def step(batch: list[int]) -> torch.Tensor:
-        views = [train.examples[i].views[lang] for i in batch]
-        langs = None if ids is None else [ids] * len(batch)
-        return cross_entropy_step(engine, tok, views, labels[batch], cfg.model.max_length,
-                                  ctx.device, langs)  # fmt: skip
-
+    step = stage0_step(run, engine)
     best = BestKeeper.for_stage0(run)
     point = commits.resume("stage0", engine, best)
     if not point["complete"]:
@@ -173,6 +172,22 @@ def run_stage0(run: Run, commits: Commits) -> str:
     run.say(f"stage 0 done: model exported to {out}")
     release_engine(engine)
     return stage0_source(run)
+
+
+def stage0_step(run: Run, engine: Any) -> Callable[[list[int]], torch.Tensor]:
+    """Stage 0's micro-step: cross-entropy on the English training views at the batch's
+    example indices (view i of the training tokens is example i)."""
+    task, ctx = run.task, run.ctx
+    labels, views = task.train.labels(), run.tokens.train.views
+    rows = None  # [B] every view's label-word row: the same every step, on the device once
+    if task.label_words is not None:
+        lang = task.lang_id(task.train_language)
+        rows = to_device(torch.full((run.cfg.stage0.micro_batch,), lang), ctx.device)
+
+    def step(batch: list[int]) -> torch.Tensor:
+        return cross_entropy_step(engine, views, batch, labels[batch], ctx.device, rows)
+
+    return step
 
 
 def stage0_source(run: Run) -> str:
@@ -204,11 +219,10 @@ class StartModel:
                 self.moves = Movement.take(run, "distill", self.engine, run.cfg.distill, total)
         return self.engine, self.tok
 
-    def evaluate(self, desc: str, name: str, corpus: ParallelCorpus | None = None) -> dict:
-        """Per-language sums on ``corpus`` (the test set by default); the predictions are
-        kept in ``predictions/<name>.safetensors``."""
-        corpus = self.run.task.test if corpus is None else corpus
-        return _stats_json(evaluate(self.run, *self.get(), corpus, desc, name))
+    def evaluate(self, desc: str, name: str, split: str = "test") -> dict:
+        """Per-language sums on the ``split`` corpus; the predictions are kept in
+        ``predictions/<name>.safetensors``."""
+        return _stats_json(evaluate(self.run, self.get()[0], split, desc, name))
 
     def replace(self, source: str) -> None:
         """Swap in the model at ``source`` (the guard's best check) for evaluation/export."""
@@ -230,7 +244,7 @@ def dev_predictions(run: Run, model: StartModel, when: str) -> None:
     dev = run.task.dev
     if dev is not None and run.cfg.eval.dev_predictions:
         name = f"dev_{when}"
-        _result(run, name, lambda: model.evaluate(f"evaluate dev ({when})", name, dev))
+        _result(run, name, lambda: model.evaluate(f"evaluate dev ({when})", name, "dev"))
 
 
 # ----------------------------------------------------------------------------- selection
@@ -243,7 +257,8 @@ def run_selection(run: Run, engine: Any, tok: Any) -> dict:
     cfg, task, ctx = run.cfg, run.task, run.ctx
     corpus, T = task.unlabeled, len(task.languages)
     run.say(f"selection: label distributions of {len(corpus) * T} unlabeled views")
-    idx, probs = predict_corpus(run, engine, tok, corpus, "selection", cfg.selection.batch_size)
+    toks = run.tokens.unlabeled
+    idx, probs = predict_corpus(run, engine, toks, "selection", cfg.selection.batch_size)
     sel = select_from_views(
         probs, idx // T, idx % T, len(corpus), task.languages,
         threshold=cfg.selection.threshold, reduce=parallel.reducer(ctx),

@@ -12,37 +12,32 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from alsace_ds import parallel
-from alsace_ds.data.corpus import ParallelCorpus, View
+from alsace_ds.data.corpus import ParallelCorpus
+from alsace_ds.data.tokens import TokenizedCorpus
 from alsace_ds.engine.trainer import predict_probs
 from alsace_ds.io import atomic_write_bytes
 from alsace_ds.method.metrics import accuracy_counts, summarize
 from alsace_ds.recipes.run import Run
 
 
-def parallel_views(corpus: ParallelCorpus, languages: list[str]) -> list[View]:
-    """Example-major flattening: view ``v`` is example ``v // T`` in language ``v % T``."""
-    return [ex.views[lang] for ex in corpus.examples for lang in languages]
-
-
-def view_langs(run: Run, num_views: int) -> list[int] | None:
-    """Label-word table row of each example-major view (languages come first in
-    ``prompt_languages``, so view v's row is ``v % T``); None for the classification head."""
+def view_lang_ids(run: Run, corpus: TokenizedCorpus) -> torch.Tensor | None:
+    """``[V]`` label-word table row of each of the corpus's views (its language's index in
+    ``prompt_languages``); None for the classification head."""
     if run.task.label_words is None:
         return None
-    T = len(run.task.languages)
-    return [v % T for v in range(num_views)]
+    rows = torch.tensor([run.task.lang_id(x) for x in corpus.languages], dtype=torch.long)
+    return rows.repeat(corpus.num_examples)  # example-major: view v is language v % T
 
 
 def predict_corpus(
-    run: Run, engine: Any, tok: Any, corpus: ParallelCorpus, desc: str, batch_size: int
+    run: Run, engine: Any, corpus: TokenizedCorpus, desc: str, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (view index ``[V]``, probabilities ``[V, C]``) over the corpus's
     example-major views (view v is example v // T in language v % T)."""
-    views = parallel_views(corpus, run.task.languages)
     cfg = run.cfg
     return predict_probs(
-        engine, tok, views, run.ctx, batch_size, cfg.model.max_length, desc,
-        cfg.log.progress, view_langs(run, len(views)),
+        engine, corpus.views, run.ctx, batch_size, desc, cfg.log.progress,
+        view_lang_ids(run, corpus),
     )  # fmt: skip
 
 
@@ -54,10 +49,17 @@ def count_stats(run: Run, corpus: ParallelCorpus, idx: torch.Tensor, probs: torc
     return {k: parallel.all_reduce_sum(v, run.ctx) for k, v in stats.items()}
 
 
-def evaluate(run: Run, engine: Any, tok: Any, corpus: ParallelCorpus, desc: str, name: str) -> dict:
-    """Reduced per-language sums over all ranks (:func:`count_stats`); every example's
-    per-language distribution is kept in ``predictions/<name>.safetensors``."""
-    idx, probs = predict_corpus(run, engine, tok, corpus, desc, run.cfg.eval.batch_size)
+def split_of(run: Run, split: str) -> tuple[ParallelCorpus, TokenizedCorpus]:
+    """The task's ``"dev"`` or ``"test"`` corpus and its tokens."""
+    return getattr(run.task, split), getattr(run.tokens, split)
+
+
+def evaluate(run: Run, engine: Any, split: str, desc: str, name: str) -> dict:
+    """Reduced per-language sums over all ranks (:func:`count_stats`) on the ``split``
+    corpus; every example's per-language distribution is kept in
+    ``predictions/<name>.safetensors``."""
+    corpus, toks = split_of(run, split)
+    idx, probs = predict_corpus(run, engine, toks, desc, run.cfg.eval.batch_size)
     save_predictions(run, name, corpus, idx, probs)
     return count_stats(run, corpus, idx, probs)
 
@@ -121,7 +123,8 @@ def dev_check(
     dev = run.task.dev
     if dev is None or not run.cfg.eval.every_epoch:
         return None
-    idx, probs = predict_corpus(run, engine, tok, dev, f"{stage} dev", run.cfg.eval.batch_size)
+    toks = run.tokens.dev
+    idx, probs = predict_corpus(run, engine, toks, f"{stage} dev", run.cfg.eval.batch_size)
     teachers, students = roles or (run.task.languages, [])
     summ = summary(run, count_stats(run, dev, idx, probs), teachers, students)
     log_summary(run, f"{stage}/dev", summ, step)

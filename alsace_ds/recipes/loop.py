@@ -35,6 +35,11 @@ from alsace_ds.recipes.callbacks import DevCallback, after_dev
 from alsace_ds.recipes.run import Run, launch_facts
 
 SLURM_CHECKPOINT_MINUTES = 30.0
+# The ranks agree on a stop request (and rank 0's commit clock) about this often, by rank 0's
+# step time: each agreement is an all-reduce read on the host, which on an accelerator drains
+# the queue of launched work. Polling every step would cost a pipeline bubble per step.
+POLL_SECONDS = 2.0
+MAX_POLL_STEPS = 1000
 STAGE_TITLES = {"stage0": "stage 0 (English fine-tuning)", "distill": "distill (self-distillation)"}
 
 
@@ -52,6 +57,8 @@ class Commits:
     run: Run
     steps_done: int = 0  # optimizer steps in this invocation, over both stages
     last_commit: float = dataclasses.field(default_factory=time.monotonic)  # rank 0's clock
+    next_poll: int = 1  # steps_done at which the ranks next agree (the same on every rank)
+    polled: tuple[int, float] = (0, 0.0)  # (steps_done, rank 0's clock) at the last poll
 
     def folder(self, stage: str) -> Path:
         return self.run.run_dir / "checkpoints" / stage
@@ -77,32 +84,51 @@ class Commits:
         if run.ctx.is_main:
             self.last_commit = time.monotonic()
 
+    def start_stage(self) -> None:
+        """A stage's steps take their own time: poll after its first step, then at the
+        cadence its step time gives."""
+        self.next_poll = self.steps_done + 1
+        self.polled = (self.steps_done, time.monotonic())
+
+    def poll(self) -> tuple[bool, bool]:
+        """(a stop was requested on some rank, rank 0's commit clock is due), agreed by every
+        rank, which also agree on the next poll: ``POLL_SECONDS`` of rank 0's steps later."""
+        rc, ctx = self.run.cfg.run, self.run.ctx
+        now = time.monotonic()
+        minutes = checkpoint_minutes(rc.checkpoint_minutes, os.environ)
+        due = bool(minutes) and ctx.is_main and now - self.last_commit >= 60 * minutes
+        every = 0
+        if ctx.is_main:
+            per_step = (now - self.polled[1]) / max(1, self.steps_done - self.polled[0])
+            every = max(1, min(MAX_POLL_STEPS, int(POLL_SECONDS / max(per_step, 1e-9))))
+        stop, due, every = parallel.all_max([int(signals.requested()), int(due), every], ctx)
+        self.next_poll = self.steps_done + every
+        self.polled = (self.steps_done, now)
+        return bool(stop), bool(due)
+
     def boundary(
         self, stage: str, engine: Any, micro: int, last: bool, on_dev: DevCallback | None,
         dev_due: bool = False,
     ) -> None:  # fmt: skip
         """After an optimizer step: periodic checkpoint (every ``run.checkpoint_every`` steps
         or ``run.checkpoint_minutes`` by rank 0's clock); a stop that every rank agrees on (a
-        request seen by any rank, or ``run.stop_after_steps``) commits and raises
-        ``Preempted``. The stage's last step only counts: its caller commits the completed
-        checkpoint, and a stop asked for then takes effect at the next poll. ``dev_due``: a
-        dev check follows this step; a stop here commits it as pending (redone first)."""
+        request seen by any rank at the last :meth:`poll`, or ``run.stop_after_steps``, which
+        every rank counts alike) commits and raises ``Preempted``. The stage's last step
+        only counts: its caller commits the completed checkpoint, and a stop asked for then
+        takes effect at the next poll. ``dev_due``: a dev check follows this step; a stop
+        here commits it as pending (redone first)."""
         self.steps_done += 1
         if last:
             return
-        rc, ctx = self.run.cfg.run, self.run.ctx
-        want = signals.requested() or (rc.stop_after_steps is not None
-                                       and self.steps_done >= rc.stop_after_steps)  # fmt: skip
-        minutes = checkpoint_minutes(rc.checkpoint_minutes, os.environ)
-        late = time.monotonic() - self.last_commit >= 60 * minutes
-        due = bool(minutes) and ctx.is_main and late
-        stop, due = parallel.any_rank([want, due], ctx)  # the same on every rank
-        every = rc.checkpoint_every
+        rc = self.run.cfg.run
+        counted = rc.stop_after_steps is not None and self.steps_done >= rc.stop_after_steps
+        asked, due = self.poll() if self.steps_done >= self.next_poll else (False, False)
+        stop, every = counted or asked, rc.checkpoint_every
         if stop or due or (every and engine.global_steps % every == 0):
             pending = stop and dev_due  # a periodic commit is followed by its check right here
             self.save(stage, engine, micro, False, on_dev=on_dev, pending_dev=pending)
         if stop:
-            why = "run.stop_after_steps" if want and not signals.requested() else signals.reason()
+            why = signals.reason() if asked else "run.stop_after_steps"
             at = f"optimizer step {engine.global_steps}"
             raise signals.Preempted(f"{stage} stopped at {at} ({why})")
 
@@ -148,6 +174,7 @@ def train_loop(
     all-reduced). Returns whether the stage ended early."""
     name, st, plan = stage.name, stage.st, stage.plan
     start = point["micro"]
+    commits.start_stage()
     engine.train()
     bar = progress(plan.total_micro, name, run.ctx, run.cfg.log.progress)
     bar.update(start)

@@ -11,7 +11,15 @@ from typing import Any
 
 from alsace_ds import parallel
 from alsace_ds.config import Config, DistillConfig, Stage0Config
+from alsace_ds.data.corpus import DataError, ParallelCorpus
 from alsace_ds.data.tasks import TaskData
+from alsace_ds.data.tokens import (
+    TaskTokens,
+    TokenizedCorpus,
+    mask_count_problems,
+    tokenize_corpora,
+    tokenizer_fingerprint,
+)
 from alsace_ds.engine import checkpoint, rundir
 from alsace_ds.engine.ds_config import build_ds_config
 from alsace_ds.engine.schedules import warmup_steps
@@ -26,10 +34,57 @@ class Run:
     ctx: parallel.ParallelContext
     run_dir: Path
     tb: TBLogger
+    tokens: TaskTokens  # every corpus's views as token ids (tokenized once, cached)
 
     def say(self, msg: str) -> None:
         if self.ctx.is_main:
             print(f"[alsace_ds] {msg}", flush=True)
+
+
+def set_matmul_precision(cfg: Config, ctx: parallel.ParallelContext) -> None:
+    """fp32 on an NVIDIA GPU: TF32 matmuls unless ``model.tf32`` is off (fp32 sums, 10-bit
+    mantissa products); bf16 runs compute in bf16 already, CPUs have no TF32."""
+    if ctx.device.type == "cuda" and cfg.model.resolved_dtype == "fp32" and cfg.model.tf32:
+        import torch
+
+        torch.set_float32_matmul_precision("high")
+
+
+def build_tokens(
+    cfg: Config, task: TaskData, ctx: parallel.ParallelContext, run_dir: Path
+) -> TaskTokens:
+    """Every corpus tokenized once with the tokenizer of the model the run starts from, in
+    ``<run_dir>/tokens/`` (reused when views, tokenizer and ``max_length`` are unchanged).
+    Rank 0 builds, checks and writes the cache, then every other rank reads it. A cloze
+    head's views must each hold the mask token once: every view that does not is named
+    before any training (DataError on rank 0, PeerError elsewhere)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(task.model_source)
+    langs = list(task.languages)
+    train = task.train if cfg.stage0.enabled else None  # no stage 0: no English training
+    specs = [("train", train, [task.train_language]), ("unlabeled", task.unlabeled, langs),
+             ("dev", task.dev, langs), ("test", task.test, langs)]  # fmt: skip
+    cache, max_length = run_dir / "tokens", cfg.model.max_length
+
+    def check(toks: TokenizedCorpus, corpus: ParallelCorpus) -> None:
+        if task.head != "cloze":
+            return
+        problems = mask_count_problems(toks, corpus, int(tok.mask_token_id))
+        if problems:
+            raise DataError(
+                corpus.path,
+                [f"a cloze input must contain the mask token exactly once: it was truncated "
+                 f"away (raise model.max_length={max_length}) or the text itself contains it",
+                 *problems],
+            )  # fmt: skip
+
+    mine: dict = {}
+    parallel.decide(lambda: mine.update(tokenize_corpora(specs, tok, max_length, cache, check)),
+                    ctx)  # fmt: skip
+    if not ctx.is_main:  # the cache rank 0 wrote (a node without it tokenizes for itself)
+        mine = tokenize_corpora(specs, tok, max_length, cache, write=False)
+    return TaskTokens(tokenizer_fingerprint(tok), **mine)
 
 
 def stage_config(cfg: Config, stage: str) -> Stage0Config | DistillConfig:
@@ -56,6 +111,7 @@ def make_engine(run: Run, stage: str, source: str, total: int) -> tuple[Any, Any
         ds_cfg, head=task.head, languages=task.prompt_languages,
         freeze_embeddings=cfg.model.freeze_embeddings,
     )  # fmt: skip
+    run.tokens.check_tokenizer(tok, source)  # the views were tokenized with stage 0's
     warm = warmup_steps(total, st.warmup_ratio)
     engine = build_engine(scorer, ds_cfg, st.lr, st.weight_decay, total, warm, st.schedule)
     return engine, tok, warnings

@@ -27,8 +27,9 @@ from alsace_ds.data.pretraining import UNITS, load_sizes
 from alsace_ds.engine.trainer import (
     StepPlan,
     cross_entropy_step,
-    forward_views,
+    forward_tokens,
     predict_probs,
+    to_device,
 )
 from alsace_ds.io import atomic_write_json
 from alsace_ds.method.pairs import pair_kl_loss
@@ -168,14 +169,15 @@ def self_distillation(
     cfg, task, ctx = run.cfg, run.task, run.ctx
     d, langs = cfg.distill, task.languages
     mine = local_languages(langs, ctx)
-    examples = task.unlabeled.examples
+    toks = run.tokens.unlabeled
+    rows = None  # [B * T_local] label-word rows: the same every step, on the device once
+    if task.label_words is not None:
+        per = torch.tensor([task.lang_id(lang) for lang in mine], dtype=torch.long)
+        rows = to_device(per.repeat(d.micro_batch), ctx.device)
 
     def step(batch: list[int]) -> torch.Tensor:
-        views = [examples[i].views[lang] for i in batch for lang in mine]
-        lang_ids = None
-        if task.label_words is not None:
-            lang_ids = [task.lang_id(lang) for _ in batch for lang in mine]
-        logits = forward_views(engine, tok, views, cfg.model.max_length, ctx.device, lang_ids)
+        views = toks.indices(batch, mine)  # [B * T_local] example-major
+        logits = forward_tokens(engine, toks.views, views, ctx.device, rows)
         local = torch.log_softmax(logits.float(), dim=-1).view(len(batch), len(mine), -1)
         log_probs = parallel.gather_views(local, ctx)[:, : len(langs)]  # [B, T, C]
         loss = pair_kl_loss(
@@ -187,7 +189,7 @@ def self_distillation(
         engine.step()
         return loss.detach()
 
-    return step, len(examples), plan
+    return step, len(task.unlabeled), plan
 
 
 #: One self-training view: (example index in the unlabeled corpus, language code).
@@ -201,17 +203,24 @@ def confident_views(
     of every view in ``keys`` (dealt across ranks, assembled to ``[V, C]`` on every rank),
     and the most confident half of them over all ``keys`` together (ties: the earlier key).
     Returns (kept keys in ``keys`` order ``[K]``, their pseudo-labels ``[K]`` long)."""
-    task, cfg, ctx = run.task, run.cfg, run.ctx
-    examples = task.unlabeled.examples
-    views = [examples[i].views[lang] for i, lang in keys]
-    langs = None if task.label_words is None else [task.lang_id(lang) for _, lang in keys]
+    cfg, ctx = run.cfg, run.ctx
+    toks = run.tokens.unlabeled
+    views = toks.views.select([toks.index(i, lang) for i, lang in keys])  # [V] in keys order
     idx, probs = predict_probs(
-        engine, tok, views, ctx, cfg.selection.batch_size, cfg.model.max_length,
-        "self-training: pseudo-labels", cfg.log.progress, langs,
+        engine, views, ctx, cfg.selection.batch_size, "self-training: pseudo-labels",
+        cfg.log.progress, key_rows(run, keys),
     )  # fmt: skip
     dense = parallel.assemble_rows(idx, probs, len(keys), ctx, torch.float64)  # [V, C]
     keep, labels = most_confident(dense, 0.5)  # [K], [K]
     return [keys[i] for i in keep.tolist()], labels
+
+
+def key_rows(run: Run, keys: list[ViewKey]) -> torch.Tensor | None:
+    """``[len(keys)]`` label-word table row of each key's language (host); None for the
+    classification head."""
+    if run.task.label_words is None:
+        return None
+    return torch.tensor([run.task.lang_id(lang) for _, lang in keys], dtype=torch.long)
 
 
 def kept_per_language(kept: list[ViewKey], languages: list[str]) -> dict[str, int]:
@@ -233,18 +242,18 @@ def self_training(
     The pseudo-labels' per-language counts are written to ``self_training.json``."""
     task, cfg, ctx = run.task, run.cfg, run.ctx
     kept, labels = confident_views(run, engine, tok, keys)
-    examples = task.unlabeled.examples
+    toks = run.tokens.unlabeled
+    kept_views = torch.tensor([toks.index(i, lang) for i, lang in kept], dtype=torch.long)
+    kept_rows = key_rows(run, kept)  # [K] or None
     if ctx.is_main:
         counts = kept_per_language(kept, task.languages)
         record = {"views": len(keys), "kept": len(kept), "kept_per_language": counts}
         atomic_write_json(run.run_dir / "self_training.json", record)
 
     def step(batch: list[int]) -> torch.Tensor:
-        views_b = [examples[kept[i][0]].views[kept[i][1]] for i in batch]
-        ids = None if task.label_words is None else [task.lang_id(kept[i][1]) for i in batch]
-        return cross_entropy_step(
-            engine, tok, views_b, labels[batch], cfg.model.max_length, ctx.device, ids
-        )
+        rows = None if kept_rows is None else to_device(kept_rows[batch], ctx.device)
+        return cross_entropy_step(engine, toks.views, kept_views[batch], labels[batch],
+                                  ctx.device, rows)  # fmt: skip
 
     d = cfg.distill
     per_epoch = d.grad_accum * -(-len(kept) // (d.micro_batch * ctx.dp_world * d.grad_accum))
@@ -258,6 +267,11 @@ def english_self_training(
     the fine-tuned model, keep the most confident half, cross-entropy on those; the same
     optimizer steps (compute, lr schedule) as ALSACE, over the kept half."""
     english = run.task.english or run.task.train_language
+    if english not in run.task.languages:
+        raise ValueError(
+            f"English self-training needs the unlabeled corpus's {english!r} views, and "
+            f"{english!r} is not one of task.languages {run.task.languages}"
+        )
     keys = [(i, english) for i in range(len(run.task.unlabeled))]
     step, n, plan, _ = self_training(run, engine, tok, keys, plan)
     run.say(f"self-training: kept the {n} most confident of {len(keys)} English pseudo-labels")
