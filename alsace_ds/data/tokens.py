@@ -260,11 +260,13 @@ def tokenize_corpora(
     cache: Path | None,
     check: Check | None = None,
     write: bool = True,
+    tok_fp: str | None = None,
 ) -> dict[str, TokenizedCorpus | None]:
     """Each ``(name, corpus, languages)`` read from ``cache/<name>.safetensors`` when its
     fingerprint matches, else tokenized (and written there when ``write``). ``check``
-    validates each tokenized corpus (e.g. the cloze head's mask token)."""
-    tok_fp = tokenizer_fingerprint(tokenizer)
+    validates each tokenized corpus (e.g. the cloze head's mask token). ``tok_fp``: the
+    tokenizer's :func:`tokenizer_fingerprint` when the caller has it already."""
+    tok_fp = tok_fp or tokenizer_fingerprint(tokenizer)
     out: dict[str, TokenizedCorpus | None] = {}
     for name, corpus, langs in specs:
         if corpus is None:

@@ -120,10 +120,9 @@ def dev_check(
 ) -> DevResult | None:
     """Per-language dev accuracy during training, logged as curves; None when the task has
     no dev set or ``eval.every_epoch`` is off."""
-    dev = run.task.dev
+    dev, toks = split_of(run, "dev")
     if dev is None or not run.cfg.eval.every_epoch:
         return None
-    toks = run.tokens.dev
     idx, probs = predict_corpus(run, engine, toks, f"{stage} dev", run.cfg.eval.batch_size)
     teachers, students = roles or (run.task.languages, [])
     summ = summary(run, count_stats(run, dev, idx, probs), teachers, students)

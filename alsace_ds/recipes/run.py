@@ -66,6 +66,7 @@ def build_tokens(
     specs = [("train", train, [task.train_language]), ("unlabeled", task.unlabeled, langs),
              ("dev", task.dev, langs), ("test", task.test, langs)]  # fmt: skip
     cache, max_length = run_dir / "tokens", cfg.model.max_length
+    fp = tokenizer_fingerprint(tok)  # hashes the whole vocabulary: once
 
     def check(toks: TokenizedCorpus, corpus: ParallelCorpus) -> None:
         if task.head != "cloze":
@@ -80,11 +81,13 @@ def build_tokens(
             )  # fmt: skip
 
     mine: dict = {}
-    parallel.decide(lambda: mine.update(tokenize_corpora(specs, tok, max_length, cache, check)),
-                    ctx)  # fmt: skip
+    parallel.decide(
+        lambda: mine.update(tokenize_corpora(specs, tok, max_length, cache, check, tok_fp=fp)),
+        ctx,
+    )
     if not ctx.is_main:  # the cache rank 0 wrote (a node without it tokenizes for itself)
-        mine = tokenize_corpora(specs, tok, max_length, cache, write=False)
-    return TaskTokens(tokenizer_fingerprint(tok), **mine)
+        mine = tokenize_corpora(specs, tok, max_length, cache, write=False, tok_fp=fp)
+    return TaskTokens(fp, **mine)
 
 
 def stage_config(cfg: Config, stage: str) -> Stage0Config | DistillConfig:
