@@ -17,7 +17,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test real experiment bench gpu-check lint format clean-shm
+.PHONY: setup run test test-unit real experiment bench gpu-check lint format clean-shm
 
 $(VENV)/.ready: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,8 +73,17 @@ GPU_ARGS ?=
 gpu-check:
 	bench/gpu_check.sh $(GPU_ARGS)
 
+# The whole suite on TEST_WORKERS pytest-xdist workers, a test module per worker at a time
+# (its module fixtures run once); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+TEST_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 test: setup
-	$(VENV)/bin/pytest -q tests $(ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+	$(VENV)/bin/pytest -q $(TEST_XDIST) tests $(ARGS); rc=$$?; $(MAKE) -s clean-shm; exit $$rc
+
+# The fast tier: in-process tests only (no launcher, no Slurm, no download); about a minute.
+test-unit: setup
+	$(VENV)/bin/pytest -q $(TEST_XDIST) -m unit tests $(ARGS); rc=$$?; $(MAKE) -s clean-shm; \
+	  exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check alsace_ds tests bench && $(VENV)/bin/ruff format --check alsace_ds tests bench

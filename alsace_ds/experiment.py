@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alsace_ds.io import atomic_write_json, atomic_write_text
+from alsace_ds.parallel import free_port
 from alsace_ds.tools.shm_cleanup import remove_stale
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,14 +80,6 @@ TABLES = {"table3": "paper Table 3: teacher-selection ablations",
 
 
 # ----------------------------------------------------------------------------- launching
-
-
-def free_port() -> int:
-    """A port free now, so that two experiments (or a test) on one machine do not collide
-    on the launcher's default 29500."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(config: Path, overrides: list[str], nproc: int, log: Path) -> None:

@@ -1,11 +1,13 @@
 """Atomic file output: a reader (or a resumed job) never sees a half-written file.
 
 Everything is written to a temporary file in the same directory, flushed and fsynced,
-then ``os.replace``d over the target (atomic on POSIX within one filesystem).
+then ``os.replace``d over the target (atomic on POSIX within one filesystem). And the one
+file checksum of the project (:func:`sha256_file`: checkpoint manifests, pinned downloads).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -42,3 +44,12 @@ def _umask() -> int:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The file's SHA-256, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

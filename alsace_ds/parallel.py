@@ -83,7 +83,9 @@ class ParallelContext:
         return cls(device=torch.device(device))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous that must not collide with another
+    job's, e.g. the launchers' default 29500). The one definition in this project."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -104,7 +106,7 @@ def _default_single_process_env() -> None:
         WORLD_SIZE="1",
         LOCAL_RANK="0",
         MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
     )
 
 

@@ -23,7 +23,6 @@ requested size, which is fine for throughput and for equality checks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -65,11 +64,9 @@ def setup_env(device: str = "cpu") -> None:
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(
-            Path.home() / ".cache" / "torch_extensions_by_venv" / tag
-        )
+    from alsace_ds.tools.procs import torch_extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
 
 
 def _cpu_model() -> str:

@@ -48,8 +48,6 @@ import math
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -60,6 +58,9 @@ from typing import Any
 
 import common
 import torch
+
+from alsace_ds.parallel import free_port
+from alsace_ds.tools import procs
 
 REPO = common.REPO
 PLUMBING = "cpu plumbing check, not a GPU figure"
@@ -165,35 +166,23 @@ def finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def run_logged(
-    cmd: list[str], env: dict[str, str], timeout: float, log_path: Path
+    cmd: list[str], env: dict[str, str], timeout: float, log_path: Path, port: int | None = None
 ) -> tuple[int, str, float]:
-    """Run ``cmd`` from the repository root in its own process group, output to ``log_path``;
-    on timeout the whole group (launcher and ranks) is killed. Returns (rc, output, s)."""
+    """Run ``cmd`` from the repository root as one process group (``alsace_ds.tools.procs``),
+    output to ``log_path``; on timeout the whole group (launcher and ranks) is killed and the
+    return code is 124; ``port``: its master port, whose CPU shm buffers are removed after
+    (plumbing mode). Returns (rc, output, s)."""
     t0 = time.perf_counter()
-    with log_path.open("w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = 124
-            log.write(f"\ngpu_check: killed after the {timeout:.0f} s timeout\n")
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # nothing of ours outlives the step
-    return rc, log_path.read_text(errors="replace"), time.perf_counter() - t0
+    head = "$ " + " ".join(cmd) + "\n"
+    res = procs.run(cmd, env, timeout, cwd=REPO, log=log_path, port=port, header=head)
+    out = res.output
+    if res.timed_out:
+        note = f"\ngpu_check: killed after the {timeout:.0f} s timeout\n"
+        with log_path.open("a") as log:
+            log.write(note)
+        out += note
+    return res.returncode, out, time.perf_counter() - t0
 
 
 def tail(text: str, lines: int = 25) -> str:
@@ -399,9 +388,8 @@ def check_pipeline(
             child_env(rep.plumbing),
             args.pipeline_timeout,
             rep.out_dir / f"pipeline-{zero}.log",
+            port,
         )
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        f.unlink(missing_ok=True)  # the CPU accelerator's shm buffers (plumbing mode)
     problems: list[str] = []
     fig: dict[str, Any] = {
         "command": cmd,

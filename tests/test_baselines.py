@@ -26,14 +26,16 @@ def test_most_confident_half_against_naive_sort():
         most_confident(probs, 0.0)
 
 
-def test_english_self_training_run(tmp_path, cache):
+@pytest.mark.launch
+def test_english_self_training_run(tmp_path, cache, stage0_model):
     """Table 4's English self-training through the real entry point, against one process: its
     first loss is the cross-entropy of the model it started from on the most confident half
     of that model's English pseudo-labels (a wrong label, language, half or start changes
     it), and the model it reports after training is the one it exported."""
     out = tmp_path / "st"
     res = run_single(
-        [f"run.output_dir={out}", "stage0.epochs=2", "distill.method=english_self_training",
+        [f"run.output_dir={out}", "stage0.enabled=false", f"stage0.init_from={stage0_model}",
+         "distill.method=english_self_training",
          "distill.max_steps=4", "distill.lr=1e-4", "distill.micro_batch=250",
          "model.dropout=0.0", "run.log_every=1", "log.progress=false"],
         cache,
@@ -48,6 +50,7 @@ def test_english_self_training_run(tmp_path, cache):
     # The pseudo-labels, recomputed: the start model's English predictions on the unlabeled
     # corpus, the 250 most confident by a naive sort (ties: the earlier example).
     start = stage0_used(out, res.stdout)
+    assert start == stage0_model
     cfg, probs, _ = recompute_for(out, start, "unlabeled_file")
     english = probs[:, cfg.task.languages.index(cfg.task.english)].double()  # [500, C]
     top, label = english.max(-1)

@@ -28,9 +28,13 @@ def test_train_batches_cover_everything_with_equal_steps(n, micro, world):
     assert all(len(batch) == micro for rank in per_rank for batch in rank)
     seen = sorted({i for rank in per_rank for batch in rank for i in batch})
     assert seen == list(range(n))
-    # the same seed gives the same global order on every rank; another seed another order
+    # the same seed gives the same global order on every rank
     again = [train_batches(n, micro, r, world, seed=5) for r in range(world)]
     assert again == per_rank
+
+
+def test_train_batches_another_seed_another_order():
+    assert train_batches(16, 4, 0, 2, seed=5) != train_batches(16, 4, 0, 2, seed=6)
 
 
 def test_an_optimizer_step_trains_the_same_examples_however_it_is_split():

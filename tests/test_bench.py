@@ -84,7 +84,8 @@ def test_selection_bucketing_tiny(tmp_path):
     assert res["oracle_token_sorted_padding_fraction"] <= orders["arrival"]["padding_fraction"]
 
 
-def test_zero_memory_tiny_zero3(tmp_path):
+@pytest.mark.launch
+def test_zero_memory_tiny_zero3(tmp_path, shm_op):
     """One real 2-rank launch under ZeRO-3 with every parameter partitioned: each rank holds
     about half of every parameter, and AdamW state for its half only."""
     res = zero_memory.main(
@@ -107,6 +108,7 @@ def test_zero_memory_tiny_zero3(tmp_path):
         assert all(math.isfinite(x) for x in r["losses"])
 
 
+@pytest.mark.launch
 def test_limits_tiny(tmp_path):
     """The limit benchmark runs the real stages (token cache, recipe steps, predict_probs)
     against the bare model on the same sequences, and reports ratios and paddings."""

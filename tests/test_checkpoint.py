@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,12 +20,14 @@ from alsace_ds.config import ConfigError, load_config
 from alsace_ds.engine import checkpoint, rundir
 from alsace_ds.io import atomic_write_json, atomic_write_text
 from alsace_ds.recipes.loop import checkpoint_minutes
+from alsace_ds.tools import procs
 
 ENGINE_CODE = (
     TINY_ENGINE
     + r"""
 import json, pathlib, shutil, sys, torch
 from alsace_ds.engine import checkpoint
+from alsace_ds.io import sha256_file
 from alsace_ds import parallel
 
 out = pathlib.Path(sys.argv[1])
@@ -74,7 +75,7 @@ for stage in (2, 3):
     torch.save({"module": Evil()}, model)  # a planted pickle, its manifest entry mended too
     man = json.loads((folder / "step1" / "manifest.json").read_text())
     man["files"][model.name] = {"bytes": model.stat().st_size,
-                                "sha256": checkpoint._sha256(model)}
+                                "sha256": sha256_file(model)}
     (folder / "step1" / "manifest.json").write_text(json.dumps(man))
     r["planted"] = attempt(engine, folder)
     shutil.rmtree(out / "backup")
@@ -84,6 +85,7 @@ parallel.shutdown()
 )
 
 
+@pytest.mark.launch
 def test_commit_verify_and_load_refuse_damage_and_pickles(tmp_path):
     """ZeRO-2 and ZeRO-3, real DeepSpeed files: a commit lists every file with its hash; a
     clean load returns the training state and restores the RNG; a truncated, an altered or
@@ -91,8 +93,8 @@ def test_commit_verify_and_load_refuse_damage_and_pickles(tmp_path):
     the weights-only loader and never runs."""
     marker = tmp_path / "pwned"
     res = run_code(ENGINE_CODE, str(tmp_path), str(marker))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    results = json.loads(res.stdout.split("RESULTS ", 1)[1].splitlines()[0])
+    assert res.returncode == 0, res.output[-6000:]
+    results = json.loads(res.output.split("RESULTS ", 1)[1].splitlines()[0])
     for stage in ("2", "3"):
         r = results[stage]
         assert r["latest"] == "step1"
@@ -197,6 +199,11 @@ def _made_run(out: Path, *overrides: str) -> None:
     atomic_write_text(folder / "latest", "step3")
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder``, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def test_reuse_of_a_run_directory_is_checked_against_its_config(tmp_path):
     out = tmp_path / "run"
     assert rundir.reuse_problems(_cfg(out), FACTS) == []  # nothing there yet
@@ -231,8 +238,9 @@ def test_a_stage0_model_is_not_served_to_another_stage0_config(tmp_path):
     import shutil
 
     shutil.rmtree(out / "checkpoints")
-    saved = (out / "config.yaml").read_text()
+    saved = _snapshot(out)
     problems = rundir.reuse_problems(_cfg(out, "stage0.lr=5e-4"), FACTS)
+    assert _snapshot(out) == saved  # the check reads only: config.yaml and all else as they were
     assert (
         f"{out / 'stage0' / 'model'} was made with stage0.lr = 0.001, this run has 0.0005"
         in (problems[-1])
@@ -245,7 +253,6 @@ def test_a_stage0_model_is_not_served_to_another_stage0_config(tmp_path):
         f"run.output_dir: {out} holds outputs (stage0) but no config.yaml, so the config that "
         "made them is unknown; use another output_dir"
     ]
-    assert saved  # the check reads only
 
 
 def test_a_broken_latest_refuses_the_run_at_start(tmp_path):
@@ -295,26 +302,22 @@ time.sleep(5)
 """
 
 
+@pytest.mark.launch
 def test_a_dead_launcher_stops_its_ranks(tmp_path):
     """A rank whose launcher (here a process named torchrun) is killed requests a stop at
     once, and ends itself (exit 75, after on_exit) if it is still running after the grace."""
     script = tmp_path / "rank.py"
     script.write_text(WATCHED)
     env = child_env({"ALSACE_LAUNCHER_GRACE_S": "1", "PYTHONPATH": str(REPO)})
-    launcher = subprocess.Popen(
-        ["bash", "-c", f'exec -a torchrun bash -c "{sys.executable} {script}; sleep 60"'],
-        env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert launcher.stdout.readline().strip() == "chain ['torchrun']"
-        launcher.kill()  # SIGKILL: nothing can be forwarded
-        launcher.wait()
+    cmd = ["bash", "-c", f'exec -a torchrun bash -c "{sys.executable} {script}; sleep 60"']
+    with procs.start(cmd, env, stderr=None) as job:  # killed at the end, the rank too
+        out = job.proc.stdout
+        assert out.readline().strip() == "chain ['torchrun']"
+        job.proc.kill()  # SIGKILL to the launcher alone: nothing can be forwarded
+        job.wait()
         t0 = time.monotonic()
-        line = launcher.stdout.readline().strip()
+        line = out.readline().strip()
         assert line.startswith("requested: the launcher (torchrun, pid "), line
         assert line.endswith(") exited")
-        assert launcher.stdout.readline().strip() == "on_exit"
+        assert out.readline().strip() == "on_exit"
         assert time.monotonic() - t0 < 5  # the grace (1 s), not the rank's own 5 s sleep
-    finally:
-        os.killpg(launcher.pid, 9) if launcher.poll() is None else None
-        subprocess.run(["pkill", "-f", str(script)])

@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from _launch import ROOT, TRAIN, child_env, free_port
+from _launch import child_env, free_port, launcher_cmd, pids_mentioning, rank_pids
+from alsace_ds.tools import procs
 from alsace_ds.tools.shm_cleanup import _mapped_paths
+
+pytestmark = pytest.mark.launch
 
 KILL_TO_EXIT_S = 90  # bound on: SIGKILL of rank 1 -> launcher exited
 START_TIMEOUT_S = 420  # launcher start -> "distill: self-distillation" (loaded 2-core CI box)
@@ -37,49 +39,11 @@ OVERRIDES = [
 ]
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains ``text``."""
-    me = os.getpid()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmd and state != "Z":
-            found.append(int(proc.name))
-    return found
-
-
-def _rank_pid(run_dir: Path, launcher: str, local_rank: int) -> int:
-    if launcher == "deepspeed":  # deepspeed passes --local_rank=N before the overrides
-        res = subprocess.run(
-            ["pgrep", "-f", f"local_rank={local_rank} run.output_dir={run_dir}"],
-            capture_output=True,
-            text=True,
-        )
-        pids = [int(p) for p in res.stdout.split()]
-    else:  # torchrun passes LOCAL_RANK in the environment only
-        pids = []
-        for pid in _pids_mentioning(f"train.py run.output_dir={run_dir}"):
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"LOCAL_RANK={local_rank}".encode() in env:
-                pids.append(pid)
-    assert len(pids) == 1, (launcher, pids)
-    return pids[0]
-
-
 def _shm_buffers(port: int) -> list[Path]:
     return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
-def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for(log: Path, text: str, proc: procs.Job, timeout: float) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if text in log.read_text(errors="replace"):
@@ -97,26 +61,14 @@ def test_sigkilled_rank_fails_the_job_without_hanging(launcher, tmp_path, cache)
     run_dir = tmp_path / "run"
     log = tmp_path / "launcher.log"
     port = free_port()
-    if launcher == "deepspeed":
-        head = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
-        head += ["--master_port", str(port)]
-    else:
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        head += ["--master_port", str(port)]
-    cmd = [*head, str(TRAIN), f"run.output_dir={run_dir}", *OVERRIDES]
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=child_env(cache),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    cmd = [*launcher_cmd(launcher, 2, port), f"run.output_dir={run_dir}", *OVERRIDES]
+    proc = procs.start(cmd, child_env(cache), log=log, port=port)
     try:
         _wait_for(log, "distill: self-distillation", proc, START_TIMEOUT_S)
         time.sleep(3)  # into the distillation steps (forward/backward/all-reduce)
-        victim = _rank_pid(run_dir, launcher, 1)
+        ranks = rank_pids(run_dir)
+        assert sorted(ranks) == [0, 1], (launcher, ranks)
+        victim = ranks[1]
         assert proc.poll() is None, "the job ended before the kill"
         shm_running = _shm_buffers(port)
         os.kill(victim, signal.SIGKILL)
@@ -132,20 +84,13 @@ def test_sigkilled_rank_fails_the_job_without_hanging(launcher, tmp_path, cache)
         # What the job left behind, seen BEFORE this test cleans anything up: the launcher
         # has exited; give the kernel a moment to reap its ranks.
         end = time.monotonic() + 10
-        while _pids_mentioning(str(run_dir)) and time.monotonic() < end:
+        while pids_mentioning(str(run_dir)) and time.monotonic() < end:
             time.sleep(0.2)
-        left_running = _pids_mentioning(str(run_dir))
+        left_running = pids_mentioning(str(run_dir))
         shm_left = _shm_buffers(port)
         shm_held = {p for p in shm_left if str(p) in _mapped_paths()}
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing of ours may outlive the test
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        # DeepSpeed's CPU all-reduce buffers of this job (killed ranks never unlink theirs)
-        for f in _shm_buffers(port):
-            f.unlink(missing_ok=True)
+        proc.kill()  # nothing of ours may outlive the test; the job's shm buffers go too
     text = log.read_text(errors="replace")
     print(f"{launcher}: rank 1 (pid {victim}) SIGKILLed; launcher rc={rc} after {took:.1f}s")
     assert rc != 0, text[-5000:]

@@ -6,14 +6,12 @@ Each rank runs ``init_distributed`` (DS_ACCELERATOR=cpu) and ``select_from_views
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _dist_helpers import REPO, child_env, free_port, launch, prebuild_shm_op, shm_files
+from _dist_helpers import launch, prebuild_shm_op, run_code
 from alsace_ds.method.selection import select_teachers
 from alsace_ds.parallel import (
     ParallelContext,
@@ -98,6 +96,7 @@ def _check_rank(res: dict, world: int, rank: int, cases: list[dict]) -> None:
         assert got["agreement"] == pytest.approx(want.agreement.tolist(), abs=1e-12)
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_selection_equals_single_process(world: int, tmp_path: Path) -> None:
     cases = _cases(world)
@@ -121,6 +120,7 @@ def test_distributed_selection_equals_single_process(world: int, tmp_path: Path)
             assert {k: v for k, v in res["cases"][name].items() if k != "num_views"} == first
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("mode", ["exit", "stall"])
 def test_dead_or_stalled_peer_fails_instead_of_hanging(mode: str, tmp_path: Path) -> None:
     # "exit": the peer process is gone (gloo sees the closed connection); "stall": the peer
@@ -147,6 +147,7 @@ def test_single_context_collectives_are_local() -> None:
     barrier(ctx)
 
 
+@pytest.mark.launch
 def test_plain_python_process_initialises_a_world_of_one(tmp_path: Path) -> None:
     code = (
         "import torch, torch.distributed as td\n"
@@ -159,18 +160,5 @@ def test_plain_python_process_initialises_a_world_of_one(tmp_path: Path) -> None
         "parallel.shutdown()\n"
         "print('OK')\n"
     )
-    port = free_port()
-    before = shm_files(port)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            env=child_env({"MASTER_PORT": str(port)}),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    finally:
-        for path in shm_files(port) - before:
-            Path(path).unlink(missing_ok=True)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_code(code, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.output, proc.output[-4000:]

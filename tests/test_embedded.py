@@ -194,6 +194,7 @@ print(build_embedded(sys.argv[1], spec=spec).root)
 """
 
 
+@pytest.mark.launch
 def test_concurrent_builds_share_one_folder(tmp_path):
     root = tmp_path / "shared"
     procs = [

@@ -45,6 +45,7 @@ def script_env(cache: Path, **extra: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------- refusal
 
 
+@pytest.mark.launch
 @no_cuda
 def test_refuses_to_run_without_cuda(tmp_path, cache):
     """No flag, no CUDA: an immediate, loud failure (exit 2), nothing else run."""
@@ -247,7 +248,8 @@ def test_export_check_fails_on_bf16_weights_and_on_no_update(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_cpu_plumbing_end_to_end(tmp_path, cache):
+@pytest.mark.launch
+def test_cpu_plumbing_end_to_end(tmp_path, cache, shm_op):
     """The real pipeline under the real launcher on the CPU (ZeRO-2, bf16 autocast; stage 0
     one epoch to fit the test's time), export and reload checks; figures marked."""
     out, work = tmp_path / "out", tmp_path / "work"
@@ -286,6 +288,7 @@ def test_cpu_plumbing_end_to_end(tmp_path, cache):
     assert rel["bf16_autocast"] is True and rel["max_length"] == 32
     assert rel["test_examples"] == report["num_test_examples"]
     for when in ("after", "before"):
+        assert set(rel[when]["recomputed"]) == set(report[when]["accuracy"]), when  # every one
         for lang, acc in rel[when]["recomputed"].items():
             assert acc == pytest.approx(report[when]["accuracy"][lang], abs=0.5), (when, lang)
 

@@ -124,6 +124,11 @@ def test_guard_loads_the_state_of_older_checkpoints():
     assert "best_score" not in h.state()
 
 
+def _bits(p: float) -> float:
+    """Entropy (bits) of the two-label distribution [p, 1 - p]."""
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
 def test_report_warnings_apply_the_guard_rules():
     """collapse_warnings (test set, before -> after) and Guard.problems (dev checks) decide
     the English drop and the entropy collapse with the same rules and thresholds (cases on
@@ -135,6 +140,7 @@ def test_report_warnings_apply_the_guard_rules():
         return summarize(langs, torch.tensor([en, 50.0]), count, "en", langs, [], None, sums)
 
     before = summary(90.0, 0.7)  # 0.88 bits
+    seen = set()
     for drop, ratio in [(2.0, 0.5), (0.5, 0.9), (5.0, 0.2)]:
         for en, p in [(89.0, 0.75), (87.9, 0.7), (90.0, 0.8), (85.0, 0.97), (89.6, 0.72)]:
             after = summary(en, p)
@@ -143,21 +149,27 @@ def test_report_warnings_apply_the_guard_rules():
             guard = g.check(_m(en, after["mean_prediction_entropy_bits"]["en"], 0), 1)["problems"]
             report = collapse_warnings(before, after, "en", drop, ratio)
             case = (drop, ratio, en, p)
-            assert any(x.startswith("English dev") for x in guard) == any(
-                x.startswith("en accuracy fell") for x in report
-            ), case
-            assert sum("collapsing" in x for x in guard) == sum(
-                "collapsing" in x for x in report
-            ), case
+            # the rules written out: English fell by MORE than max_en_drop; a language's mean
+            # prediction entropy fell BELOW min_entropy_ratio of its start (both languages)
+            en_fell = 90.0 - en > drop + 1e-9
+            collapsing = 2 * (_bits(p) / _bits(0.7) < ratio)
+            assert any(x.startswith("English dev") for x in guard) == en_fell, case
+            assert any(x.startswith("en accuracy fell") for x in report) == en_fell, case
+            assert sum("collapsing" in x for x in guard) == collapsing, case
+            assert sum("collapsing" in x for x in report) == collapsing, case
+            seen.add((en_fell, collapsing))
+    assert seen == {(a, b) for a in (True, False) for b in (0, 2)}  # every outcome was met
 
 
-def test_collapse_is_stopped_and_rolled_back(tmp_path, cache):
+@pytest.mark.launch
+def test_collapse_is_stopped_and_rolled_back(tmp_path, cache, stage0_model):
     """lr 3e-3 collapses the tiny model within a few steps: the guard stops at the first check
     and the reported "after" model is the start (so after == before), with the curves logged."""
     out = tmp_path / "run"
     res = run_single(
-        [f"run.output_dir={out}", "stage0.epochs=2", "distill.max_steps=30", "distill.lr=3e-3",
-         "distill.eval_every=3", "log.progress=false"],
+        [f"run.output_dir={out}", "stage0.enabled=false", f"stage0.init_from={stage0_model}",
+         "distill.max_steps=30", "distill.lr=3e-3", "distill.eval_every=3",
+         "log.progress=false"],
         cache,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-4000:]
@@ -170,7 +182,7 @@ def test_collapse_is_stopped_and_rolled_back(tmp_path, cache):
     assert (
         not bad["healthy"] and bad["english_accuracy"] < guard["checks"][0]["english_accuracy"] - 2
     )
-    assert guard["final_from"].endswith("stage0/best")
+    assert guard["final_from"] == str(stage0_model)  # the start, rolled back to
     assert report["after"]["accuracy"] == report["before"]["accuracy"]
     assert "## Collapse guard" in (out / "report.md").read_text()
     ev = EventAccumulator(str(out / "tb")).Reload()

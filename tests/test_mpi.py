@@ -11,6 +11,8 @@ import pytest
 from _dist_helpers import free_port
 from _launch import TRAIN, check_report, check_selection, child_env, run_cmd, stage0_used
 
+pytestmark = pytest.mark.launch
+
 
 def test_mpirun_two_ranks(tmp_path, cache):
     mpirun = shutil.which("mpirun")

@@ -13,6 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from _launch import launch
 from alsace_ds.engine.signals import EXIT_PREEMPTED
 
+pytestmark = pytest.mark.launch
+
 RUN = [
     "stage0.max_steps=5",
     "distill.max_steps=6",
@@ -38,25 +40,31 @@ def straight(tmp_path_factory, cache) -> Path:
     return out
 
 
-@pytest.mark.parametrize("stop_after", [3, 8], ids=["in-stage0", "in-distill"])
-def test_stop_and_resume_is_bit_identical(tmp_path, cache, straight, stop_after):
-
+def test_stop_and_resume_is_bit_identical(tmp_path, cache, straight):
+    """Stopped in stage 0 (after step 3 of 5), resumed and stopped again in distill (5 steps
+    later: distill's step 3 of 6), resumed to the end: the same per-step losses, weights and
+    report as the straight run."""
     split = tmp_path / "split"
-    res = launch([f"run.output_dir={split}", *RUN, f"run.stop_after_steps={stop_after}"], cache)
-    assert res.returncode == EXIT_PREEMPTED, res.stdout[-5000:]
-    assert "checkpoint committed, run again to resume" in res.stdout
-    assert not (split / "report.json").exists()  # nothing final was written
-    stage = "stage0" if stop_after <= 5 else "distill"
-    tag = (split / "checkpoints" / stage / "latest").read_text().strip()
-    assert tag == f"step{stop_after if stage == 'stage0' else stop_after - 5}"
+    for stop_after, stage, tag in ((3, "stage0", "step3"), (5, "distill", "step3")):
+        res = launch([f"run.output_dir={split}", *RUN, f"run.stop_after_steps={stop_after}"],
+                     cache, launcher="deepspeed")  # its exit status is the ranks': 75  # fmt: skip
+        assert res.returncode == EXIT_PREEMPTED, res.stdout[-5000:]
+        assert (
+            f"alsace_ds: {stage} stopped at optimizer step 3 (run.stop_after_steps); "
+            "checkpoint committed, run again to resume" in res.stdout
+        ), res.stdout[-3000:]
+        assert not (split / "report.json").exists()  # nothing final was written
+        assert (split / "checkpoints" / stage / "latest").read_text().strip() == tag
+    assert "stage0: resumed from checkpoint step3 (micro-step 3)" in res.stdout
 
     res = launch([f"run.output_dir={split}", *RUN], cache)
     assert res.returncode == 0, res.stdout[-5000:]
-    assert "resumed from checkpoint" in res.stdout
+    assert "distill: resumed from checkpoint step3" in res.stdout
 
     for tag in ("stage0/train/loss", "distill/train/loss"):
         a, b = _losses(straight, tag), _losses(split, tag)
-        assert sorted(a) == sorted(b) and len(a) >= 5, (tag, a, b)
+        steps = list(range(1, 6 if tag.startswith("stage0") else 7))
+        assert sorted(a) == sorted(b) == steps, (tag, a, b)
         assert a == b, tag  # bit-identical per-step losses
     wa = load_file(straight / "final" / "model" / "model.safetensors")
     wb = load_file(split / "final" / "model" / "model.safetensors")
@@ -70,74 +78,92 @@ def test_stop_and_resume_is_bit_identical(tmp_path, cache, straight, stop_after)
     assert tags == ["step6"]
 
 
-def test_resume_refuses_a_different_setup(tmp_path, cache):
-    out = tmp_path / "run"
-    res = launch([f"run.output_dir={out}", *RUN, "run.stop_after_steps=2"], cache)
-    assert res.returncode == EXIT_PREEMPTED, res.stdout[-5000:]
+def test_resume_refuses_a_different_setup(tmp_path, cache, straight, capsys):
+    """The run directory of a 2-rank run (a copy of the straight one), continued by one
+    process: refused for the world size, plus any key that changes the run, by name; nothing
+    is touched."""
     import os
+    import shutil
     from unittest import mock
 
     from alsace_ds.train import main
 
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    ckpt = out / "checkpoints" / "distill" / "step6"
+    world = f"{ckpt} was written by 2 rank(s) and this job has 1: ZeRO keeps optimizer state"
+    lr = (f"cannot continue {out} with a different setup (distill.lr: 0.0001 in the run "
+          "directory, 0.5 now); use another run.output_dir")  # fmt: skip
+
+    def refused(*extra: str) -> str:
+        assert main([f"run.output_dir={out}", *RUN, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("alsace_ds: error:") == 1, err
+        return err
+
     # In-process world of one: its launcher variables (MASTER_PORT...) must not leak into
     # the tests that follow (the Slurm script takes an exported MASTER_PORT as given).
-    with mock.patch.dict(os.environ):
-        assert main([f"run.output_dir={out}", *RUN, "distill.lr=0.5"]) == 2
-        assert main([f"run.output_dir={out}", *RUN, "run.resume=never"]) == 2
+    with mock.patch.dict(os.environ, {"ALSACE_CACHE": str(cache)}):  # the run's data files
+        same = refused()  # the same config: refused for the world size alone
+        assert world in same and same.count("\n  - ") == 1, same
+        other = refused("distill.lr=0.5")
+        assert world in other and lr in other and other.count("\n  - ") == 2, other
+        never = refused("run.resume=never")
+        assert f"run.output_dir: {out} already holds outputs (config.yaml, checkpoints" in never
+    assert (out / "checkpoints" / "distill" / "latest").read_text().strip() == "step6"
 
 
-def test_sigusr1_on_one_rank_stops_all_at_a_checkpoint(tmp_path, cache):
+def test_sigusr1_on_one_rank_stops_all_at_a_checkpoint(tmp_path, cache, capsys):
     """Slurm's --signal: one rank gets SIGUSR1; all ranks agree at the next step boundary,
-    commit a checkpoint and exit 75; the next run resumes and finishes."""
+    commit a checkpoint and stop on request (``ALSACE_STOP_FILE`` says so: torchrun's exit
+    status cannot); the next run resumes and finishes. The ranks are frozen while the signal
+    is sent, so that it lands in distill however fast this machine is."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    from _launch import ROOT, TRAIN, child_env, free_port
+    from _launch import child_env, free_port, frozen, launcher_cmd, rank_pids
+    from alsace_ds.tools import procs
 
     out = tmp_path / "run"
-    args = [f"run.output_dir={out}", *RUN, "distill.max_steps=80", "distill.epochs=50"]
+    steps = 12
+    args = [f"run.output_dir={out}", *RUN, f"distill.max_steps={steps}", "distill.epochs=50"]
     log = tmp_path / "log.txt"
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
-    cmd += ["--master_port", str(port), str(TRAIN), *args]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=child_env(cache), stdout=fh, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
+    cmd = [*launcher_cmd("torchrun", 2, port), *args]
+    stop_file = tmp_path / "stopped"
+    env = child_env(cache, {"ALSACE_STOP_FILE": str(stop_file)})
+    with procs.start(cmd, env, log=log, port=port) as proc:
         deadline = time.monotonic() + 300
         while "distill: self-distillation" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        time.sleep(1)
-        ranks = subprocess.run(
-            ["pgrep", "-f", f"local_rank=1 run.output_dir={out}"], capture_output=True, text=True
-        ).stdout.split()
-        assert len(ranks) == 1, ranks
-        os.kill(int(ranks[0]), signal.SIGUSR1)
-        assert proc.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-3000:]
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-            f.unlink(missing_ok=True)
-    text = log.read_text()
-    assert "distill stopped at optimizer step" in text
+            time.sleep(0.1)
+        ranks = rank_pids(out)
+        assert sorted(ranks) == [0, 1], ranks
+        with frozen(list(ranks.values())):
+            os.kill(ranks[1], signal.SIGUSR1)  # rank 1 only; rank 0 learns it at the poll
+        assert proc.wait(timeout=120) != 0, log.read_text()[-3000:]
     tag = (out / "checkpoints" / "distill" / "latest").read_text().strip()
     stopped = int(tag.removeprefix("step"))
-    assert 0 < stopped < 80
-    res = launch([*args, "distill.max_steps=90"], cache)
+    assert 0 < stopped < steps
+    # rank 0, which prints, saw no signal itself: the ranks agreed on rank 1's request
+    why = f"distill stopped at optimizer step {stopped} (a request another rank saw)"
+    assert f"alsace_ds: {why}; checkpoint committed" in log.read_text(), log.read_text()[-3000:]
+    assert stop_file.read_text() == why + "\n"
     # a different max_steps is a different setup: refused before any work, nothing touched
-    assert res.returncode == 2 and "cannot continue" in res.stdout, res.stdout[-3000:]
+    # (in process: a world of one, refused for that too)
+    from unittest import mock
+
+    from alsace_ds.train import main
+
+    with mock.patch.dict(os.environ, {"ALSACE_CACHE": str(cache)}):
+        assert main([*args, f"distill.max_steps={steps + 1}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n  - ") == 2, err  # the world size, and:
+    assert f"(distill.max_steps: {steps} in the run directory, {steps + 1} now)" in err, err
     assert (out / "checkpoints" / "distill" / "latest").read_text().strip() == tag
     res = launch(args, cache)
     assert res.returncode == 0, res.stdout[-5000:]
     assert f"distill: resumed from checkpoint {tag}" in res.stdout
-    steps = sorted(_losses(out, "distill/train/loss"))
-    assert steps == list(range(1, 81))  # every step logged once, none lost or repeated
+    logged = sorted(_losses(out, "distill/train/loss"))
+    assert logged == list(range(1, steps + 1))  # every step logged once, none lost or repeated

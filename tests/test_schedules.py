@@ -102,7 +102,11 @@ def test_preset_stage2_matches_the_authors_total_update(name):
     flat = re.sub(r"\s*#\s*", " ", block)
     assert f"{theirs.steps:,} steps at 3e-8" in flat, flat
     assert f"{total:,} steps" in flat and f"lr {_sci(d.lr)}" in flat, flat
-    assert f"sum to {_sci(theirs.lr_sum)}" in flat and f"{_sci(ours)}" in flat, flat
+    assert f"sum to {_sci(theirs.lr_sum)}" in flat, flat
+    # ours, and its share of theirs (to the comment's 0.1 point)
+    said = re.search(rf"\): {re.escape(_sci(ours))}, ([\d.]+)% of theirs", flat)
+    assert said is not None, (_sci(ours), flat)
+    assert abs(float(said.group(1)) - 100 * ours / theirs.lr_sum) <= 0.1, said.group(0)
 
 
 def _sci(x: float) -> str:

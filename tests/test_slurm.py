@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from _launch import check_report, check_selection, stage0_used
+from _launch import check_report, check_selection, frozen, rank_pids, stage0_used
+
+pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
@@ -85,7 +87,7 @@ def _wait(job: str, out: Path, timeout: float) -> dict[str, str]:
         info = _job_state(job)
         if info.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}:
             return info
-        _start_requeued_now(info)
+        _start_requeued_now(info, LIMIT_MINUTES)
         time.sleep(1)
     _sh("scancel", job)
     text = out.read_text() if out.exists() else "(no output file)"
@@ -94,10 +96,12 @@ def _wait(job: str, out: Path, timeout: float) -> dict[str, str]:
     )
 
 
-def _start_requeued_now(info: dict[str, str]) -> None:
-    """Slurm holds a requeued job for ~2 minutes (Reason=BeginTime); a test need not wait."""
+def _start_requeued_now(info: dict[str, str], minutes: int | None = None) -> None:
+    """Slurm holds a requeued job for ~2 minutes (Reason=BeginTime); a test need not wait.
+    ``minutes``: the time limit the next attempt gets."""
     if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-        _sh("scontrol", "update", f"JobId={info['JobId']}", "StartTime=now")
+        limit = [f"TimeLimit={minutes}"] if minutes else []
+        _sh("scontrol", "update", f"JobId={info['JobId']}", "StartTime=now", *limit)
 
 
 def _cleanup(job: str, port: str | None) -> None:
@@ -112,37 +116,44 @@ def _port(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def test_dry_run_wiring(cluster, tmp_path):
-    """Default run dir is named with the job id; master addr/port, torchrun args, overrides."""
-    env = {"ALSACE_DRY_RUN": "1", "ALSACE_CPU": "1", "NPROC_PER_NODE": "2"}
-    job, out = _submit(
-        tmp_path, env, ["--config", "configs/default.yaml", "a.b=1", "x.y=two words"]
-    )
+def _dry_run(tmp: Path, env_extra: dict[str, str], args: list[str]) -> tuple[str, dict, str]:
+    env = {"ALSACE_DRY_RUN": "1", "ALSACE_CPU": "1", "NPROC_PER_NODE": "2", **env_extra}
+    tmp.mkdir(parents=True, exist_ok=True)
+    job, out = _submit(tmp, env, args)
     info = _wait(job, out, 60)
-    text = out.read_text()
     _cleanup(job, None)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
-    host = _sh("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()[0]
-    port = str(20000 + int(job) % 20000)
-    cmd = next(line for line in text.splitlines() if line.startswith("alsace-slurm: command:"))
-    assert f"master={host}:{port}" in text
-    assert "nproc_per_node=2" in text and "launcher=torchrun" in text
-    assert "srun --nodes=1 --ntasks-per-node=1" in cmd
-    for arg in (
-        "--nnodes 1",
-        "--nproc_per_node 2",
-        f"--master_addr {host}",
-        f"--master_port {port}",
-        "torch.distributed.run",
-    ):
-        assert arg in cmd, (arg, cmd)
-    # --config first, then the preset, then the user's overrides, then the default run dir
-    tail = shlex.split(cmd.split("alsace_ds/train.py", 1)[1])
-    assert tail[:2] == ["--config", "configs/default.yaml"]
-    assert tail.index("model.name_or_path=google/mt5-large") < tail.index("a.b=1")
-    assert "x.y=two words" in tail
-    assert tail[-1] == f"run.output_dir=runs/alsace-mt5-{job}"
-    assert "dry run, not launching" in text
+    return job, info, out.read_text()
+
+
+def test_dry_run_wiring(cluster, tmp_path):
+    """Default run dir is named with the job id; master addr/port, torchrun args, overrides.
+    Two jobs on one node get different rendezvous ports by default; MASTER_PORT wins."""
+    args = ["--config", "configs/default.yaml", "a.b=1", "x.y=two words"]
+    runs = [_dry_run(tmp_path / "a", {}, args), _dry_run(tmp_path / "b", {}, args),
+            _dry_run(tmp_path / "c", {"MASTER_PORT": "23456"}, args)]  # fmt: skip
+    ports = []
+    for job, info, text in runs:
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+        host = _sh("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()[0]
+        port = _port(text)
+        assert port is not None and f"master={host}:{port} " in text, text
+        ports.append(int(port))
+        cmd = next(x for x in text.splitlines() if x.startswith("alsace-slurm: command:"))
+        assert "nproc_per_node=2" in text and "launcher=torchrun" in text
+        assert "srun --nodes=1 --ntasks-per-node=1" in cmd
+        for arg in ("--nnodes 1", "--nproc_per_node 2", f"--master_addr {host}",
+                    f"--master_port {port}", "torch.distributed.run"):  # fmt: skip
+            assert arg in cmd, (arg, cmd)
+        # --config first, then the preset, then the user's overrides, then the default run dir
+        tail = shlex.split(cmd.split("alsace_ds/train.py", 1)[1])
+        assert tail[:2] == ["--config", "configs/default.yaml"]
+        assert tail.index("model.name_or_path=google/mt5-large") < tail.index("a.b=1")
+        assert "x.y=two words" in tail
+        assert tail[-1] == f"run.output_dir=runs/alsace-mt5-{job}"
+        assert "dry run, not launching" in text
+    # in the range the script's header promises (20000-39999), one per job, MASTER_PORT wins
+    assert all(20000 <= p < 40000 for p in ports[:2]) and ports[0] != ports[1], ports
+    assert ports[2] == 23456
 
 
 def test_real_tiny_mt5_two_ranks(cluster, tmp_path):
@@ -185,11 +196,14 @@ def _loss_curve(run_dir: Path) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars("distill/train/loss")}
 
 
-# Long enough (~80 s on 2 cores) for a 1-minute time limit to cut it in stage 2; selection
-# one view per forward over 200 examples x 7 languages (~7 s) so a signal can land in it.
-LONG = [*TINY, "distill.max_steps=500", "distill.epochs=100", "run.log_every=1",
-        "eval.every_epoch=false", "selection.batch_size=1", "task.max_unlabeled=200"]  # fmt: skip
+# Selection one view per forward (50 examples x 7 languages: 175 forwards per rank, a poll
+# every 8), then 40 distill steps. Where each attempt is cut does not depend on this
+# machine's speed: the test freezes the ranks (SIGSTOP) while the signal is on its way.
+DISTILL_STEPS = 40
+LONG = [*TINY, f"distill.max_steps={DISTILL_STEPS}", "distill.epochs=100", "run.log_every=1",
+        "eval.every_epoch=false", "selection.batch_size=1", "task.max_unlabeled=50"]  # fmt: skip
 CPU_ENV = {"ALSACE_CPU": "1", "NPROC_PER_NODE": "2"}
+LIMIT_MINUTES = 15  # a limit no attempt reaches on its own
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +213,7 @@ def long_reference(cluster, tmp_path_factory) -> Path:
     env = {**CPU_ENV, "ALSACE_CACHE": str(tmp / "cache")}
     job, out = _submit(tmp, env, [*LONG, f"run.output_dir={tmp / 'run'}"])
     try:
-        info = _wait(job, out, 400)
+        info = _wait(job, out, 600)
     finally:
         _cleanup(job, _port(out.read_text()) if out.exists() else None)
     assert info["JobState"] == "COMPLETED", out.read_text()[-3000:]
@@ -207,18 +221,26 @@ def long_reference(cluster, tmp_path_factory) -> Path:
 
 
 def _wait_for_line(job: str, out: Path, line: str, after: int = 0, timeout: float = 300) -> int:
-    """Wait until ``line`` appears in the job's output past offset ``after``; its offset."""
+    """Wait until ``line`` appears in the job's output past offset ``after``; its offset.
+    A requeued attempt is started at once, with the whole time limit again."""
     deadline = time.monotonic() + timeout
     while (at := (out.read_text() if out.exists() else "").find(line, after)) < 0:
         assert time.monotonic() < deadline, f"never saw {line!r}"
-        _start_requeued_now(_job_state(job))
+        _start_requeued_now(_job_state(job), LIMIT_MINUTES)
         time.sleep(0.2)
     return at
 
 
+def _frozen(run_dir: Path):
+    """The job's 2 ranks frozen for the block (``_launch.frozen``)."""
+    pids = list(rank_pids(run_dir).values())
+    assert len(pids) == 2, pids
+    return frozen(pids)
+
+
 def _matches_reference(run_dir: Path, ref: Path) -> None:
     ref_losses, got = _loss_curve(ref), _loss_curve(run_dir)
-    assert sorted(got) == list(range(1, 501))  # every step logged, none lost or repeated
+    assert sorted(got) == list(range(1, DISTILL_STEPS + 1))  # none lost or repeated
     assert got == ref_losses  # bit-identical losses, the final one included
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (ref, run_dir))
     for key in ("teachers", "students", "before", "after", "param_change"):
@@ -233,20 +255,32 @@ def test_usr1_in_selection_then_the_time_limit_requeue_and_resume(
     """One job, three attempts, each cut the way Slurm cuts jobs:
     1. USR1 to the batch shell (what `--signal=B:USR1` does) during selection: every rank
        stops at its next poll inside the inference loop; the job requeues itself;
-    2. the 1-minute `--time` runs out in stage 2, with no USR1 beforehand: Slurm sends TERM
-       to the batch shell and every step process (SIGKILL 30 s later), torchrun forwards it,
-       the ranks commit and exit, the shell sees Reason=TimeLimit and the stop file, requeues;
-    3. the job resumes from that commit and finishes.
-    Finished work is kept (the evaluation before, then the selection), and the job ends
-    equal to one that was never interrupted."""
+    2. once distill has started, the attempt's time limit is brought to now (`scontrol update
+       EndTime=now`; slurmctld acts at its next time-limit check, within ~30 s) with no USR1
+       beforehand: Slurm sends TERM to the batch shell and every step process (SIGKILL 30 s
+       later), torchrun forwards it, the ranks commit and exit, the shell sees
+       Reason=TimeLimit and the stop file, requeues;
+    3. the job resumes from that commit (its limit raised again) and finishes.
+    The ranks are frozen from the moment each attempt reaches its stage until the signal has
+    arrived, so the cuts land in selection and in distill on any machine. Finished work is
+    kept (the evaluation before, then the selection), and the job ends equal to one that was
+    never interrupted."""
     env = {**CPU_ENV, "ALSACE_CACHE": str(tmp_path / "cache")}
     run_dir = tmp_path / "run"
     # --signal=B:URG@1 replaces the script's USR1@300 (URG is ignored by bash): TERM only.
     job, out = _submit(tmp_path, env, [*LONG, f"run.output_dir={run_dir}"],
-                       ["--time=1", "--signal=B:URG@1"])  # fmt: skip
+                       [f"--time={LIMIT_MINUTES}", "--signal=B:URG@1"])  # fmt: skip
     try:
-        _wait_for_line(job, out, "selection: label distributions of 1400 unlabeled views")
-        assert _sh("scancel", "--signal=USR1", "--batch", job).returncode == 0
+        at = _wait_for_line(job, out, "selection: label distributions of 350 unlabeled views")
+        with _frozen(run_dir):
+            assert _sh("scancel", "--signal=USR1", "--batch", job).returncode == 0
+            at = _wait_for_line(job, out, "alsace-slurm: USR1:", at)
+            time.sleep(2)  # the batch shell's scancel reaches the step's processes
+        at = _wait_for_line(job, out, "requeueing job", at)
+        at = _wait_for_line(job, out, "distill: ", at)  # attempt 2 is in distill
+        with _frozen(run_dir):
+            assert _sh("scontrol", "update", f"JobId={job}", "EndTime=now").returncode == 0
+            _wait_for_line(job, out, "alsace-slurm: TERM:", at, timeout=120)
         info = _wait(job, out, 600)
         text = out.read_text()
     finally:
@@ -278,18 +312,19 @@ def _curves(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def test_two_node_launchers_equal_one_launcher(cluster, tmp_path):
-    """Two torchrun launchers of 2 ranks each (two "nodes": --nnodes 2, node ranks 0 and 1,
-    one rendezvous), started by slurm/common.sh as srun tasks, with 2 view groups of 2 ranks
-    (view parallel 2 x data parallel 2): the same losses, selection and report as the same
-    job on one launcher of 4 ranks."""
-    args = [*TINY, "stage0.max_steps=6", "distill.max_steps=4", "distill.micro_batch=4",
+    """Two torchrun launchers of one rank each (two "nodes": --nnodes 2, node ranks 0 and 1,
+    one rendezvous), started by slurm/common.sh as srun tasks, with one view group spanning
+    both (view parallel 2: each example's views split across the nodes, gathered over the
+    network): the same losses, selection and report as the same job on one launcher of 2
+    ranks."""
+    args = [*TINY, "stage0.max_steps=6", "distill.max_steps=4", "distill.micro_batch=8",
             "distill.view_parallel_size=2", "run.log_every=1"]  # fmt: skip
     env = {"ALSACE_CPU": "1", "ALSACE_CACHE": str(tmp_path / "cache")}
     two_dir, one_dir = tmp_path / "two", tmp_path / "one"
-    two = _submit(tmp_path, {**env, "NPROC_PER_NODE": "2", "LAUNCHERS_PER_NODE": "2"},
+    two = _submit(tmp_path, {**env, "NPROC_PER_NODE": "1", "LAUNCHERS_PER_NODE": "2"},
                   [*args, f"run.output_dir={two_dir}"],
                   ["--ntasks-per-node=2", "--cpus-per-task=1"])  # fmt: skip
-    one = _submit(tmp_path, {**env, "NPROC_PER_NODE": "4"}, [*args, f"run.output_dir={one_dir}"])
+    one = _submit(tmp_path, {**env, "NPROC_PER_NODE": "2"}, [*args, f"run.output_dir={one_dir}"])
     texts = {}
     try:
         for name, (job, out) in (("two", two), ("one", one)):
@@ -302,11 +337,11 @@ def test_two_node_launchers_equal_one_launcher(cluster, tmp_path):
         for job, out in (two, one):
             _cleanup(job, _port(out.read_text()) if out.exists() else None)
     cmd = next(x for x in texts["two"].splitlines() if x.startswith("alsace-slurm: command:"))
-    assert "--ntasks-per-node=2" in cmd and "--nnodes 2 --nproc_per_node 2" in cmd, cmd
+    assert "--ntasks-per-node=2" in cmd and "--nnodes 2 --nproc_per_node 1" in cmd, cmd
     assert "--node_rank" in cmd and "SLURM_PROCID" in cmd
     for text in texts.values():
-        assert "4 rank(s) on cpu" in text
-        assert "2 data-parallel group(s) x 2 rank(s) sharing each example" in text, text[-3000:]
+        assert "2 rank(s) on cpu" in text
+        assert "1 data-parallel group(s) x 2 rank(s) sharing each example" in text, text[-3000:]
     a, b = _curves(two_dir), _curves(one_dir)
     assert set(a) == {"stage0/train/loss", "distill/train/loss"} and sorted(
         a["distill/train/loss"]

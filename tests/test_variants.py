@@ -134,7 +134,8 @@ def test_full_self_training_is_registered_and_keeps_the_top_half_over_all_langua
     assert sum(counts.values()) == N * T // 2
 
 
-def test_full_self_training_run(tmp_path, cache):
+@pytest.mark.launch
+def test_full_self_training_run(tmp_path, cache, stage0_model):
     """Table 4's full-language self-training through the real entry point, against one
     process: it keeps the most confident half of ALL N x T views of the start model (counted
     per language in its log line, self_training.json and results/final.json), and its first
@@ -142,13 +143,15 @@ def test_full_self_training_run(tmp_path, cache):
     pooling or start changes it)."""
     out, N = tmp_path / "fst", 200
     res = run_single(
-        [f"run.output_dir={out}", "stage0.epochs=2", "distill.method=full_self_training",
+        [f"run.output_dir={out}", "stage0.enabled=false", f"stage0.init_from={stage0_model}",
+         "distill.method=full_self_training",
          f"task.max_unlabeled={N}", "distill.max_steps=3", "distill.lr=1e-4",
          "distill.micro_batch=700", "model.dropout=0.0", "run.log_every=1", "log.progress=false"],
         cache,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-4000:]
     start = stage0_used(out, res.stdout)
+    assert start == stage0_model
     cfg, probs, _ = recompute_for(out, start, "unlabeled_file")  # [N, T, C]
     langs = cfg.task.languages
     T = len(langs)

@@ -96,6 +96,7 @@ def _one_rank(run_dir, start_dir, teachers):
     return losses, start, torch.cat([(end[k] - start[k]).flatten() for k in sorted(start)])
 
 
+@pytest.mark.launch
 def test_view_parallel_groups_equal_one_rank(tmp_path, cache):
     """1 view group of 2 ranks (G=1) and 2 view groups of 2 ranks (G=2: 4 ranks, 4 of the N
     examples per group) against one process holding all views: the same losses at step 1
@@ -129,7 +130,17 @@ def test_view_parallel_groups_equal_one_rank(tmp_path, cache):
         assert rel < 1e-3, (name, rel, float(update.norm() / want_update.norm()))
 
 
-def test_view_parallel_size_must_divide_world(tmp_path, cache):
-    res = launch([f"run.output_dir={tmp_path / 'x'}", "distill.view_parallel_size=3"], cache)
-    assert res.returncode == 2, res.stdout[-3000:]
-    assert "view_parallel_size: 3 does not divide the world size 2" in res.stdout
+def test_view_parallel_size_must_divide_world(tmp_path, capsys):
+    """Checked against the world the launcher announces (WORLD_SIZE), before any process
+    group exists: rank 0 of 2 refuses, with the sizes."""
+    import os
+    from unittest import mock
+
+    from alsace_ds.train import main
+
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}):
+        rc = main([f"run.output_dir={tmp_path / 'x'}", "distill.view_parallel_size=3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("alsace_ds: error:") == 1, err
+    assert "view_parallel_size: 3 does not divide the world size 2" in err
+    assert not (tmp_path / "x").exists()

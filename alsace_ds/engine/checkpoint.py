@@ -18,7 +18,6 @@ state holds (:func:`load`): a pickle planted in a run directory is refused, neve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from alsace_ds import parallel
-from alsace_ds.io import atomic_write_json, atomic_write_text
+from alsace_ds.io import atomic_write_json, atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 TAG = re.compile(r"step(\d+)")
@@ -120,14 +119,6 @@ def _files(folder: Path) -> list[str]:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _my_share(names: list[str], ctx: parallel.ParallelContext) -> list[str]:
     return names[ctx.rank :: ctx.world_size]
 
@@ -145,7 +136,7 @@ def commit(
     os.replace(rng.with_suffix(".tmp"), rng)
     parallel.barrier(ctx)
     names = parallel.decide(lambda: _files(folder), ctx)
-    mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
+    mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)}
             for n in _my_share(names, ctx)}  # fmt: skip
     shares = parallel.all_gather_object(mine, ctx)
     if ctx.is_main:
@@ -221,7 +212,7 @@ def verify(ckpt_dir: Path, tag: str, ctx: parallel.ParallelContext) -> None:
         elif path.stat().st_size != want["bytes"]:
             size = path.stat().st_size
             problems.append(f"{path}: {size} bytes, the commit wrote {want['bytes']}")
-        elif _sha256(path) != want["sha256"]:
+        elif sha256_file(path) != want["sha256"]:
             problems.append(f"{path}: contents differ from the commit (SHA-256)")
     found = sorted({p for share in parallel.all_gather_object(problems, ctx) for p in share})
     if found:

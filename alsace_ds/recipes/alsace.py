@@ -51,7 +51,6 @@ from alsace_ds.recipes.evaluation import (
 from alsace_ds.recipes.loop import Commits, Movement, StageRun, train_loop
 from alsace_ds.recipes.run import Run, build_tokens, make_engine, set_matmul_precision
 from alsace_ds.recipes.strategies import DISTILL_METHODS, apply_selection_rule
-from alsace_ds.reporting import plots
 from alsace_ds.reporting import report as reporting
 from alsace_ds.reporting.tb import TBLogger
 
@@ -131,9 +130,10 @@ def stage0(run: Run, commits: Commits) -> str:
     """The model distill starts from: stage 0's (trained now, or exported by an earlier
     attempt: exports are atomic), or the configured model when stage 0 is off."""
     if not run.cfg.stage0.enabled:
-        return run.task.model_source
-    exported = parallel.decide(partial(rundir.stage0_exported, run.run_dir), run.ctx)
-    source = stage0_source(run) if exported else run_stage0(run, commits)
+        source = run.task.model_source
+    else:
+        exported = parallel.decide(partial(rundir.stage0_exported, run.run_dir), run.ctx)
+        source = stage0_source(run) if exported else run_stage0(run, commits)
     run.say(f"distill starts from {source}")
     return source
 
@@ -433,7 +433,10 @@ def write_report(run: Run, threshold: float, roles, before, after, final) -> dic
 
 def _figures(run: Run, report: dict) -> str:
     """Rank 0: ``plots/*.png`` for what the run has data for, each also a TensorBoard image
-    (``plots/<name>``); returns report.md's "Figures" section linking them."""
+    (``plots/<name>``); returns report.md's "Figures" section linking them. Matplotlib is
+    imported here, by rank 0 of a run that draws: ~0.7 s of every rank's start-up otherwise."""
+    from alsace_ds.reporting import plots
+
     sel = run.run_dir / "selection.json"
     d = run.cfg.distill
     paths = plots.run_plots(

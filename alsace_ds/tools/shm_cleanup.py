@@ -9,6 +9,7 @@ crashed runs that no live process still maps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,6 +30,17 @@ def unlink_own_buffer(rank: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def remove_port(port: int | str, shm: Path = SHM) -> list[Path]:
+    """Remove this user's buffers of the job on master port ``port`` (its ranks have exited
+    or been killed; another job's buffers are never touched); returns what went."""
+    gone = []
+    for path in shm.glob(f"{PREFIX}{os.getuid()}_*_{port}_*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            gone.append(path)
+    return gone
 
 
 def _mapped_paths() -> set[str]:

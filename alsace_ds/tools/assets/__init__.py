@@ -25,7 +25,6 @@ Atomic, idempotent folders
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,8 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from alsace_ds.io import sha256_file
 
 MARKER = "alsace_asset.json"
 """Written last into a built folder; its presence means the folder is complete."""
@@ -48,14 +49,6 @@ def downloads_dir() -> Path:
     from alsace_ds.data.tasks import cache_dir
 
     return cache_dir() / "downloads"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_sha256(path: Path, expected: str) -> str:

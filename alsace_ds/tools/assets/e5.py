@@ -96,6 +96,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alsace_ds.io import sha256_file
 from alsace_ds.tools.assets import (
     AssetError,
     build_folder,
@@ -103,7 +104,6 @@ from alsace_ds.tools.assets import (
     downloads_dir,
     find_file,
     pip_download,
-    sha256_file,
     write_json,
 )
 

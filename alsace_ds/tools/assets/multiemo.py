@@ -3,8 +3,11 @@
 Source
 ======
 MultiEmo (Kocon et al., 2021; sentiment of Polish customer reviews, machine-translated into
-10 languages) as packaged by BIG-bench: the source distribution ``bigbench==1.0.0`` on PyPI
-(``bigbench-1.0.0.tar.gz``, 358 MB, sha256 pinned below). Only the members
+10 languages) as packaged by BIG-bench: the source distribution ``bigbench==1.0.0``
+(``bigbench-1.0.0.tar.gz``, 358 MB, sha256 pinned below). **PyPI no longer serves it** (only
+bigbench 0.0.1 is left, 2026): the build reads a copy you have (``--sdist PATH``, or the file
+in ``<cache>/downloads``), tries ``pip download`` otherwise, and says in one line that the
+source is gone when the index does not list it (:func:`fetch_sdist`). Only the members
 ``bigbench/benchmark_tasks/multiemo/<domain>_sentence_<lang>/task.json`` of one domain are read,
 streamed out of the archive (it is never unpacked). Domains (``--domain``, :data:`DOMAINS`):
 ``hotels`` (the default), ``medicine``, ``products``, ``reviews`` (MultiEmo's four review
@@ -20,7 +23,8 @@ ru zh`` (``pl`` is the original language, English is the reference here).
 
 ::
 
-    python -m alsace_ds.tools.assets.multiemo --out ~/.cache/alsace_ds/multiemo
+    python -m alsace_ds.tools.assets.multiemo --out ~/.cache/alsace_ds/multiemo \
+        --sdist ~/bigbench-1.0.0.tar.gz
     python -m alsace_ds.tools.assets.multiemo --domain products --out ~/.cache/alsace_ds/me-p
 
 Alignment check (:func:`align_to_reference`)
@@ -86,32 +90,27 @@ the 358 MB archive about 5-8 s, checking and writing about 4 s.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
-import os
 import random
 import re
-import ssl
 import statistics
 import sys
 import tarfile
-import tempfile
 import time
 import unicodedata
-import urllib.parse
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alsace_ds.io import sha256_file
 from alsace_ds.tools.assets import (
     AssetError,
     build_folder,
     check_sha256,
     downloads_dir,
+    pip_download,
     read_marker,
-    sha256_file,
     write_json,
 )
 
@@ -151,66 +150,57 @@ _MIN_MAD = 0.05  # floor of the log-ratio MAD (a near-constant ratio makes z exp
 # ----------------------------------------------------------------------------- source
 
 
-def _index_entry(index: str, ctx: ssl.SSLContext) -> tuple[str, str | None]:
-    """(URL, sha256 or None) of the sdist on the index's project page (PEP 691 JSON or the
-    PEP 503 HTML page)."""
-    req = urllib.request.Request(
-        f"{index}/{PROJECT}/",
-        headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"},
+GONE = (
+    "bigbench {version} is no longer on the package index ({listed}), so MultiEmo cannot be "
+    "built from it; if you have a copy of {name} (sha256 {sha}), pass --sdist PATH "
+    "(python -m alsace_ds.tools.assets.multiemo or python -m alsace_ds.tools.real) or put it in "
+    "{folder}"
+)
+
+
+def _pip_download(dest: Path) -> None:
+    """``pip download`` the pinned sdist into ``dest`` (the index pip is configured with);
+    one-line :class:`AssetError` when the index no longer lists it (bigbench 1.0.0 was
+    removed from PyPI in 2026; only 0.0.1 is left) or pip refuses it."""
+    res = pip_download(f"{PROJECT}=={VERSION}", dest, binary=False)
+    if (dest / SDIST_NAME).is_file():
+        return
+    err = res.stderr + res.stdout
+    listed = re.search(r"\(from versions: ([^)]*)\)", err)
+    if listed is not None or "No matching distribution" in err:
+        versions = listed.group(1).strip() if listed is not None else ""
+        raise AssetError(
+            GONE.format(
+                version=VERSION,
+                listed=f"it lists {versions}" if versions and versions != "none" else "none listed",
+                name=SDIST_NAME, sha=SDIST_SHA256, folder=dest,
+            )
+        )  # fmt: skip
+    last = next((x.strip() for x in reversed(err.splitlines()) if x.strip()), "no output")
+    # pip >= 26 downloads this sdist, then refuses it while preparing its metadata (its
+    # setup.py declares a direct URL dependency, bleurt): only the archive is needed here.
+    raise AssetError(
+        f"pip download {PROJECT}=={VERSION} left no {SDIST_NAME} (pip: {last}); download the "
+        f"file by other means and pass --sdist PATH, or put it in {dest}"
     )
-    with urllib.request.urlopen(req, timeout=120, context=ctx) as resp:
-        body, ctype, base = resp.read(), resp.headers.get("Content-Type", ""), resp.geturl()
-    if "json" in ctype:
-        for f in json.loads(body)["files"]:
-            if f["filename"] == SDIST_NAME:
-                return urllib.parse.urljoin(base, f["url"]), f.get("hashes", {}).get("sha256")
-    else:
-        for href in re.findall(r'href="([^"]+)"', body.decode("utf-8", "replace")):
-            url = urllib.parse.urljoin(base, html.unescape(href))
-            if urllib.parse.urlsplit(url).path.endswith("/" + SDIST_NAME):
-                frag = urllib.parse.urlsplit(url).fragment
-                return url.split("#")[0], frag[7:] if frag.startswith("sha256=") else None
-    raise AssetError(f"{index}/{PROJECT}/ lists no {SDIST_NAME}")
 
 
-def _index_download(dest: Path) -> None:
-    """Fetch the sdist from the package index pip uses (``PIP_INDEX_URL``, default PyPI).
-
-    Used when ``pip download`` does not leave the file: pip >= 26 downloads this sdist, then
-    refuses it while preparing its metadata because bigbench's setup.py declares a direct URL
-    dependency ("Distributions from PyPI cannot declare direct URL dependencies"). Only the
-    archive is needed here; its sha256 is checked against the index's and the pinned value.
-    """
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    ctx = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
-    url, sha256 = _index_entry(index, ctx)
-    if sha256 not in (None, SDIST_SHA256):
-        raise AssetError(f"the index's sha256 of {SDIST_NAME} differs from the pinned one")
-    dest.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{SDIST_NAME}.", suffix=".part", dir=dest)
-    try:
-        with (
-            os.fdopen(fd, "wb") as out,
-            urllib.request.urlopen(url, timeout=600, context=ctx) as resp,
-        ):
-            while block := resp.read(1 << 20):
-                out.write(block)
-        check_sha256(Path(tmp), SDIST_SHA256)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest / SDIST_NAME)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def fetch_sdist(sdist_dir: Path | None = None) -> Path:
-    """``bigbench-1.0.0.tar.gz`` in ``sdist_dir`` (default ``<cache>/downloads``), fetched from
-    the package index if missing, sha256-checked. Not with ``pip download``: pip >= 26 builds
-    the sdist's metadata (running its setup.py) and then refuses it for its direct-URL
-    dependency (bleurt), after ~30 s; only the archive is needed here."""
+def fetch_sdist(sdist_dir: Path | None = None, sdist: Path | None = None) -> Path:
+    """The pinned ``bigbench-1.0.0.tar.gz``, sha256-checked: ``sdist`` (a file the user
+    has), else ``sdist_dir / bigbench-1.0.0.tar.gz`` (default ``<cache>/downloads``), else
+    fetched there with ``pip download``. A source that is gone is a one-line
+    :class:`AssetError` saying so and how to build from a local copy (:data:`GONE`)."""
+    if sdist is not None:
+        path = Path(sdist).expanduser()
+        if not path.is_file():
+            raise AssetError(f"--sdist {path}: no such file")
+        if (got := sha256_file(path)) != SDIST_SHA256:
+            raise AssetError(f"--sdist {path}: sha256 {got} is not {SDIST_NAME}'s {SDIST_SHA256}")
+        return path
     sdist_dir = Path(sdist_dir) if sdist_dir is not None else downloads_dir()
     path = sdist_dir / SDIST_NAME
     if not path.is_file():
-        _index_download(sdist_dir)
+        _pip_download(sdist_dir)
     check_sha256(path, SDIST_SHA256)
     return path
 
@@ -733,19 +723,21 @@ def build_multiemo(
     seed: int = 0,
     sdist_dir: Path | None = None,
     domain: str = DEFAULT_DOMAIN,
+    sdist: Path | None = None,
 ) -> dict:
     """Build (or reuse) the MultiEmo parallel corpus in ``out_dir`` (module docstring).
 
-    ``sdist_dir``: where ``bigbench-1.0.0.tar.gz`` is looked for / downloaded to (default
-    ``<cache>/downloads``); its sha256 is pinned. ``domain``: one of :data:`DOMAINS` (the
-    members ``<domain>_sentence_<lang>``; give each domain its own ``out_dir``). Returns
-    ``{"root", "train_file", "unlabeled_file", "dev_file", "test_file", "alignment_file",
-    "languages", "label_names", "sizes", "alignment"}`` (``alignment``: the parsed
-    ``alignment.json``). A complete folder is reused; one built with other arguments is an
-    error.
+    ``sdist``: a local copy of ``bigbench-1.0.0.tar.gz``; else ``sdist_dir`` is where it is
+    looked for / downloaded to (default ``<cache>/downloads``); its sha256 is pinned either
+    way (:func:`fetch_sdist`; the index no longer serves it). ``domain``: one of
+    :data:`DOMAINS` (the members ``<domain>_sentence_<lang>``; give each domain its own
+    ``out_dir``). Returns ``{"root", "train_file", "unlabeled_file", "dev_file",
+    "test_file", "alignment_file", "languages", "label_names", "sizes", "alignment"}``
+    (``alignment``: the parsed ``alignment.json``). A complete folder is reused; one built
+    with other arguments is an error.
     """
     sizes = {"train": n_train, "unlabeled": n_unlabeled, "dev": n_dev, "test": n_test}
-    return _build(out_dir, sizes, seed, SDIST_SHA256, lambda: fetch_sdist(sdist_dir), domain)
+    return _build(out_dir, sizes, seed, SDIST_SHA256, lambda: fetch_sdist(sdist_dir, sdist), domain)
 
 
 def build_multiemo_from_archive(
@@ -781,9 +773,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sdist-dir", type=Path, default=None, help="default: <cache>/downloads")
+    ap.add_argument(
+        "--sdist", type=Path, default=None,
+        help=f"your copy of {SDIST_NAME} (sha256 checked): the index no longer serves it",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    res = build_multiemo(
+    try:
+        res = _main_build(args)
+    except (AssetError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for line in res["alignment"]["summary"]:
+        print(line)
+    print(f"{res['root']}: {res['sizes']} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _main_build(args: argparse.Namespace) -> dict:
+    return build_multiemo(
         args.out,
         n_train=args.n_train,
         n_unlabeled=args.n_unlabeled,
@@ -792,11 +800,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         sdist_dir=args.sdist_dir,
         domain=args.domain,
+        sdist=args.sdist,
     )
-    for line in res["alignment"]["summary"]:
-        print(line)
-    print(f"{res['root']}: {res['sizes']} ({time.perf_counter() - t0:.1f} s)")
-    return 0
 
 
 if __name__ == "__main__":
