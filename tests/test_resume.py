@@ -45,16 +45,19 @@ def test_stop_and_resume_is_bit_identical(tmp_path, cache, straight):
     later: distill's step 3 of 6), resumed to the end: the same per-step losses, weights and
     report as the straight run."""
     split = tmp_path / "split"
-    for stop_after, stage, tag in ((3, "stage0", "step3"), (5, "distill", "step3")):
+    # the deepspeed launcher exits with the ranks' status, 75; torchrun's says only "failed",
+    # and ALSACE_STOP_FILE (what the Slurm script reads) says "stopped on request"
+    for stop_after, stage, launcher in ((3, "stage0", "deepspeed"), (5, "distill", "torchrun")):
+        stop_file = tmp_path / f"stopped-{stage}"
+        env = {"ALSACE_STOP_FILE": str(stop_file)}
         res = launch([f"run.output_dir={split}", *RUN, f"run.stop_after_steps={stop_after}"],
-                     cache, launcher="deepspeed")  # its exit status is the ranks': 75  # fmt: skip
-        assert res.returncode == EXIT_PREEMPTED, res.stdout[-5000:]
-        assert (
-            f"alsace_ds: {stage} stopped at optimizer step 3 (run.stop_after_steps); "
-            "checkpoint committed, run again to resume" in res.stdout
-        ), res.stdout[-3000:]
+                     cache, env=env, launcher=launcher)  # fmt: skip
+        why = f"{stage} stopped at optimizer step 3 (run.stop_after_steps)"
+        assert res.returncode == (EXIT_PREEMPTED if launcher == "deepspeed" else 1), res.stdout
+        assert stop_file.read_text() == why + "\n", res.stdout[-5000:]
+        assert f"alsace_ds: {why}; checkpoint committed, run again to resume" in res.stdout
         assert not (split / "report.json").exists()  # nothing final was written
-        assert (split / "checkpoints" / stage / "latest").read_text().strip() == tag
+        assert (split / "checkpoints" / stage / "latest").read_text().strip() == "step3"
     assert "stage0: resumed from checkpoint step3 (micro-step 3)" in res.stdout
 
     res = launch([f"run.output_dir={split}", *RUN], cache)

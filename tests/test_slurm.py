@@ -80,12 +80,15 @@ def _job_state(job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", res.stdout)) if res.returncode == 0 else {}
 
 
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "OUT_OF_MEMORY"}
+
+
 def _wait(job: str, out: Path, timeout: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     info: dict[str, str] = {}
     while time.monotonic() < deadline:
         info = _job_state(job)
-        if info.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}:
+        if info.get("JobState") in FINAL:
             return info
         _start_requeued_now(info, LIMIT_MINUTES)
         time.sleep(1)
@@ -97,11 +100,13 @@ def _wait(job: str, out: Path, timeout: float) -> dict[str, str]:
 
 
 def _start_requeued_now(info: dict[str, str], minutes: int | None = None) -> None:
-    """Slurm holds a requeued job for ~2 minutes (Reason=BeginTime); a test need not wait.
+    """Slurm holds a requeued job for ~2 minutes (Reason=BeginTime); a test need not wait so
+    long, but the next attempt must not start in the second its predecessor's credential was
+    revoked (slurmd then kills it: "Job credential revoked", seen here): a few seconds on.
     ``minutes``: the time limit the next attempt gets."""
     if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
         limit = [f"TimeLimit={minutes}"] if minutes else []
-        _sh("scontrol", "update", f"JobId={info['JobId']}", "StartTime=now", *limit)
+        _sh("scontrol", "update", f"JobId={info['JobId']}", "StartTime=now+3", *limit)
 
 
 def _cleanup(job: str, port: str | None) -> None:
@@ -225,8 +230,11 @@ def _wait_for_line(job: str, out: Path, line: str, after: int = 0, timeout: floa
     A requeued attempt is started at once, with the whole time limit again."""
     deadline = time.monotonic() + timeout
     while (at := (out.read_text() if out.exists() else "").find(line, after)) < 0:
-        assert time.monotonic() < deadline, f"never saw {line!r}"
-        _start_requeued_now(_job_state(job), LIMIT_MINUTES)
+        info = _job_state(job)
+        text = out.read_text()[-3000:] if out.exists() else ""
+        assert time.monotonic() < deadline, f"never saw {line!r}:\n{text}"
+        assert info.get("JobState") not in FINAL, f"job {job} {info.get('JobState')}:\n{text}"
+        _start_requeued_now(info, LIMIT_MINUTES)
         time.sleep(0.2)
     return at
 
